@@ -1,0 +1,2 @@
+"""steerprune.export"""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""steerprune.service"""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""steerprune.steering"""
+__all__: list[str] = []

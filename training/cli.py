@@ -1,0 +1,69 @@
+"""`steerprune train`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from steerprune.errors import UserError
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the ViT backbone, the head policy and the SAE(s) into RUN",
+                       description="Train the ViT backbone, the AdaViT-style head policy and TopK SAE(s) into RUN.")
+    p.add_argument("run", help="run directory (created if missing)")
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default: digits)")
+    p.add_argument("--preset", default=None, help="digits | cifar | custom (default: cifar for CIFAR data, digits otherwise)")
+    p.add_argument("--stage", default="all", choices=["backbone", "policy", "sae", "all"])
+    p.add_argument("--model", dest="model_name", help="timm ViT/DeiT name (pretrained=False), overrides the preset")
+    p.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON timm kwargs, e.g. \'{"depth": 4}\'')
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--checkpoint", help="initialise the backbone from this .safetensors / .pth state dict")
+    p.add_argument("--resume", action="store_true", help="continue backbone training from RUN/checkpoints")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--amp", choices=["none", "bf16"])
+    p.add_argument("--policy-epochs", type=int)
+    p.add_argument("--target-usage", type=float)
+    p.add_argument("--layer-targets", type=lambda s: [float(x) for x in s.split(",")],
+                   help="comma-separated usage target per gated layer")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--gated-layers", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--finetune-backbone", action="store_true", default=None)
+    p.add_argument("--sae-layers", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--sae-k", type=int)
+    p.add_argument("--sae-expansion", type=int)
+    p.add_argument("--sae-steps", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_train)
+
+
+def train_config_from_args(args):
+    from .train import TrainConfig
+
+    preset = args.preset or ("cifar" if args.data.lower().startswith(("cifar10:", "cifar100:")) else "digits")
+    if args.model_name and args.preset is None:
+        preset = "custom"
+    overrides = {k: getattr(args, k) for k in (
+        "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "epochs", "batch_size", "lr", "amp",
+        "policy_epochs", "target_usage", "layer_targets", "temperature", "gated_layers", "finetune_backbone",
+        "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
+    return TrainConfig.for_preset(preset, **overrides)
+
+
+def _train(args) -> int:
+    import torch
+
+    from .pipeline import run_training, summary_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object")
+    metrics = run_training(args.run, args.data, train_config_from_args(args), args.stage, args.resume)
+    print(summary_table(metrics))
+    print(f"wrote {args.run}/metrics.json")
+    return 0
