@@ -19,10 +19,10 @@ import torch
 from steerprune.errors import UserError
 
 from .model import BackboneConfig, GatedViT, build_vit
-from .policy import HeadPolicy, PolicyConfig
-from .sae import SAEConfig, TopKSAE
+from .policy import HeadPolicy
+from .sae import TopKSAE
 
-__all__ = ["Run", "load_run", "save_module", "load_weights", "write_json", "read_json", "versions"]
+__all__ = ["Run", "load_run", "save_module", "load_weights", "write_json", "read_json", "versions", "sae_paths"]
 
 
 def versions() -> dict:
@@ -87,6 +87,15 @@ class Run:
     def vit(self) -> torch.nn.Module:
         return self.model.vit
 
+    def load_data(self):
+        """The run's dataset with the same train/val/test splits training used (val is for choices, test for reports)."""
+        from .data import load_data
+
+        if not self.train_config:
+            raise UserError(f"{self.path} has no train_config.json: cannot recover its data splits")
+        t = self.train_config["train"]
+        return load_data(self.train_config["data"], t["val_fraction"], t["seed"], t.get("img_size"))
+
 
 def load_run(path: str | Path, need: tuple[str, ...] = ("backbone",)) -> Run:
     """Reload a run for later stages. `need` lists the stages that must be present ('backbone', 'policy', 'sae')."""
@@ -122,5 +131,3 @@ def load_run(path: str | Path, need: tuple[str, ...] = ("backbone",)) -> Run:
 def sae_paths(run_dir: Path, layer: int) -> tuple[Path, Path]:
     return run_dir / f"sae_L{layer}.safetensors", run_dir / f"sae_L{layer}.json"
 
-
-__all__.append("sae_paths")
