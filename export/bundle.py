@@ -1,0 +1,269 @@
+"""`steerprune export`: per-route pruned ViTs as verified single-file ONNX models in a self-describing bundle.
+
+Routes come from the steering report (RUN/steering/report.json) or a user masks file. Routes with identical masks
+share one model; a route whose mask keeps every head points to the full model. Every model is checked three ways
+before it is listed: the pruned PyTorch model equals the gated model with that mask (1e-5), `onnx.checker` with
+full_check passes, and ONNX Runtime matches the gated PyTorch model at batch 1, 3 and 8 (1e-4). The bundle stores
+sample inputs and the expected logits so `steerprune bundle verify` can repeat the check without torch.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from steerprune.errors import UserError
+
+from .manifest import (INPUT_NAME, MANIFEST, OUTPUT_NAME, SAMPLES_FILE, SCHEMA_VERSION, max_abs_diff, ort_session,
+                       sha256_file, validate_manifest, verify_bundle)
+from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torch_logits
+from .prune import check_mask, count_params, kept_heads, manual_attention, mask_key, prune_vit
+
+__all__ = ["Route", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
+
+PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
+N_SAMPLES = 8  # test images stored in samples.npz for `bundle verify`
+FULL_FILE = "models/full.onnx"
+
+
+class Route(dict):
+    """One hint name's route: name, classes, mask (depth x H), acc, off_route_acc (None when not known)."""
+
+
+def _routes_from_report(path: Path) -> list[Route]:
+    from steerprune.training.run import read_json
+
+    rep = read_json(path)
+    if not isinstance(rep, dict) or not isinstance(rep.get("routes"), list):
+        raise UserError(f"{path} has no 'routes' list (expected the steering report schema)")
+    out = []
+    for i, r in enumerate(rep["routes"]):
+        if not isinstance(r, dict) or not {"name", "classes", "mask"} <= set(r):
+            raise UserError(f"{path}: routes[{i}] needs name, classes and mask")
+        out.append(Route(name=str(r["name"]), classes=r["classes"], mask=r["mask"], acc=r.get("acc"),
+                         off_route_acc=r.get("off_route_acc")))
+    return out
+
+
+def _routes_from_masks(path: Path) -> list[Route]:
+    from steerprune.training.run import read_json
+
+    d = read_json(path)
+    if not isinstance(d, dict) or not d:
+        raise UserError(f"{path} must be a JSON object {{route name: {{\"classes\": [...], \"mask\": [[0/1...]]}}}}")
+    out = []
+    for name, r in d.items():
+        if not isinstance(r, dict) or not {"classes", "mask"} <= set(r):
+            raise UserError(f"{path}: route {name!r} needs 'classes' and 'mask'")
+        out.append(Route(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
+    return out
+
+
+def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[Route], str]:
+    """The routes to export and where they came from; masks are checked against the run's backbone."""
+    if report_path is not None and masks_path is not None:
+        raise UserError("give either --report or --masks, not both")
+    if masks_path is not None:
+        routes, source = _routes_from_masks(Path(masks_path)), f"masks:{masks_path}"
+    else:
+        report_path = Path(report_path) if report_path is not None else run.path / "steering" / "report.json"
+        if not report_path.is_file():
+            raise UserError(f"no steering report at {report_path}: run the steering stage first or pass --masks FILE")
+        routes, source = _routes_from_report(report_path), f"report:{report_path}"
+    if not routes:
+        raise UserError(f"{source.split(':', 1)[1]} lists no routes")
+    depth, H, C = len(run.vit.blocks), run.vit.blocks[0].attn.num_heads, run.backbone.num_classes
+    seen = set()
+    for r in routes:
+        if r["name"] in seen:
+            raise UserError(f"route name {r['name']!r} appears twice")
+        seen.add(r["name"])
+        try:
+            r["mask"] = check_mask(r["mask"], depth, H)
+        except UserError as e:
+            raise UserError(f"route {r['name']!r}: {e}") from None
+        if not isinstance(r["classes"], list) or not all(isinstance(c, int) and 0 <= c < C for c in r["classes"]):
+            raise UserError(f"route {r['name']!r}: classes must be a list of class indices below {C}")
+    return routes, source
+
+
+def _ort_predict(sess, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _head_usage(mask: list[list[int]], gated: list[int]) -> float:
+    rows = [mask[i] for i in gated] if gated else mask  # mean over gated layers, as the steering report counts it
+    return float(np.mean(rows))
+
+
+def write_triton_layout(out_dir: Path, manifest: dict) -> Path:
+    """A Triton-style repository: triton/<model>/config.pbtxt + triton/<model>/1/model.onnx (a copy)."""
+    root = out_dir / "triton"
+    inp = manifest["input"]
+    for rel in manifest["models"]:
+        name = Path(rel).stem
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_dir / rel, root / name / "1" / "model.onnx")
+        (root / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
+            f'input [\n  {{\n    name: "{inp["input_name"]}"\n    data_type: TYPE_FP32\n'
+            f'    dims: [ {inp["channels"]}, {inp["img_size"]}, {inp["img_size"]} ]\n  }}\n]\n'
+            f'output [\n  {{\n    name: "{inp["output_name"]}"\n    data_type: TYPE_FP32\n'
+            f'    dims: [ {len(manifest["classes"])} ]\n  }}\n]\n'
+            'dynamic_batching { }\n')
+    return root
+
+
+def _prepare_out(out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST).is_file():
+            raise UserError(f"{out_dir} exists and is not a bundle: choose an empty or new --out directory")
+        for sub in ("models", "triton"):  # a re-export replaces the previous bundle's files
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+        for f in (MANIFEST, SAMPLES_FILE):
+            (out_dir / f).unlink(missing_ok=True)
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+
+
+def _export_fp16(model: torch.nn.Module, path: Path, bcfg) -> dict:
+    """A .half() copy of `model` for GPU serving; ONNX Runtime's CPU provider lacks fp16 kernels, so it is only
+    checked with onnx.checker here (parity is measured on a GPU by whoever serves it)."""
+    import onnx
+
+    half = copy.deepcopy(model).half()
+    export_onnx(_Fp16Wrapper(half), path, bcfg.in_chans, bcfg.img_size)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return {"model": path.relative_to(path.parents[1]).as_posix(), "sha256": sha256_file(path), "dtype": "float16"}
+
+
+class _Fp16Wrapper(torch.nn.Module):
+    """float32 images in, float32 logits out, float16 inside: the bundle's input contract stays the same."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: bool = False, layout: Optional[str] = None,
+                  log=print) -> dict:
+    """Export the full model and one pruned model per distinct route mask into out_dir; returns the manifest."""
+    from steerprune.training.model import GatedViT, head_flops
+    from steerprune.training.run import load_run, read_json, versions, write_json
+    from steerprune.training.train import to_tensor
+
+    if layout not in (None, "triton"):
+        raise UserError(f"unknown layout {layout!r}: use 'triton' or leave it out")
+    run = load_run(run_dir, need=("backbone",))
+    routes, source = read_routes(run, report_path, masks_path)
+    bcfg, vit = run.backbone, run.vit.eval()
+    gated = GatedViT(vit).eval()  # static masks only: the policy plays no part in a route's model
+    gated_layers = list(run.policy.cfg.gated_layers) if run.policy is not None else []
+    depth, H = len(vit.blocks), vit.blocks[0].attn.num_heads
+    out_dir = Path(out_dir).expanduser()
+    _prepare_out(out_dir)
+    torch.manual_seed(0)
+
+    data = run.load_data()
+    test_x = to_tensor(data.test.images, bcfg)  # (N, C, S, S) exactly what the server will feed
+    pick = np.linspace(0, len(test_x) - 1, num=min(N_SAMPLES, len(test_x))).round().astype(int)
+    samples = {"inputs": test_x[pick].numpy().astype(np.float32)}
+    sample_keys = {}
+
+    # one entry per distinct mask, full model first (a route keeping every head shares the full model)
+    full_mask = [[1] * H for _ in range(depth)]
+    distinct: dict[str, dict] = {mask_key(full_mask): {"mask": full_mask, "file": FULL_FILE, "routes": []}}
+    for r in routes:
+        key = mask_key(r["mask"])
+        distinct.setdefault(key, {"mask": r["mask"], "file": f"models/heads_{key}.onnx", "routes": []})
+        distinct[key]["routes"].append(r["name"])
+
+    models, sessions = {}, {}
+    for i, (key, d) in enumerate(distinct.items()):
+        mask, rel = d["mask"], d["file"]
+        is_full = rel == FULL_FILE
+        ref = manual_attention(copy.deepcopy(vit)).eval() if is_full else MaskedLogits(gated, mask).eval()
+        model = ref if is_full else manual_attention(prune_vit(vit, mask))
+        # slicing check on real and random inputs before anything is written
+        probe = torch.cat([test_x[pick], torch.randn(3, *test_x.shape[1:])])
+        with torch.no_grad():
+            diff = max_abs_diff(model(probe).numpy(), gated(probe, head_mask=torch.tensor(mask, dtype=torch.float32)).logits.numpy())
+        if diff > PRUNE_TOL:
+            raise RuntimeError(f"pruned model for mask {key} differs from the gated model by {diff:.3g} (> {PRUNE_TOL})")
+        path = export_onnx(model, out_dir / rel, bcfg.in_chans, bcfg.img_size)
+        parity = check_onnx(path, ref, bcfg.in_chans, bcfg.img_size)
+        if not parity.ok:
+            raise RuntimeError(f"{rel}: ONNX Runtime differs from PyTorch by {max(parity.max_abs.values()):.3g} "
+                               f"(> {PARITY_TOL}) at batch sizes {parity.max_abs}")
+        sample_keys[rel] = f"logits_{i}"
+        samples[f"logits_{i}"] = torch_logits(ref, samples["inputs"])
+        flops = head_flops(vit, mask)
+        models[rel] = {
+            "sha256": sha256_file(path), "mask": mask, "kept_heads": kept_heads(mask),
+            "head_usage": 1.0 if is_full else _head_usage(mask, gated_layers), "flops_rel": flops["rel"],
+            "macs": flops["macs"], "params": count_params(model),
+            "parity": parity.max_abs, "prune_max_abs": diff, "routes": d["routes"], "bytes": path.stat().st_size,
+        }
+        if fp16:
+            models[rel]["fp16"] = _export_fp16(model, out_dir / rel.replace(".onnx", ".fp16.onnx"), bcfg)
+        sessions[rel] = ort_session(path)
+        log(f"{rel}: {sum(map(sum, mask))}/{depth * H} heads, FLOPs {flops['rel']:.3f} of full, "
+            f"parity {max(parity.max_abs.values()):.1e}, routes {d['routes'] or ['(full)']}")
+
+    # accuracy with ONNX Runtime on the run's test split: the full model everywhere, each route on its classes
+    labels = data.test.labels
+    preds = {rel: _ort_predict(s, test_x).argmax(1) for rel, s in sessions.items()}
+    full_acc = float((preds[FULL_FILE] == labels).mean())
+
+    def route_entry(r: Route) -> dict:
+        rel = distinct[mask_key(r["mask"])]["file"]
+        m = models[rel]
+        on = np.isin(labels, r["classes"])
+        return {
+            "classes": r["classes"], "model": rel, "sha256": m["sha256"], "mask": m["mask"],
+            "kept_heads": m["kept_heads"], "head_usage": m["head_usage"], "flops_rel": m["flops_rel"],
+            "params": m["params"], "acc": r["acc"], "off_route_acc": r["off_route_acc"],
+            # measured here with ONNX Runtime on the route's classes of the test split, for the record
+            "onnx_acc": float((preds[rel][on] == labels[on]).mean()) if on.any() else None,
+            "full_onnx_acc": float((preds[FULL_FILE][on] == labels[on]).mean()) if on.any() else None,
+            "n_test": int(on.sum()),
+        }
+
+    fm = models[FULL_FILE]
+    np.savez(out_dir / SAMPLES_FILE, **samples)
+    policy_cfg = read_json(run.path / "policy.json") if (run.path / "policy.json").is_file() else None
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "run": {"path": str(run.path.resolve()), "backbone": read_json(run.path / "backbone.json"),
+                "policy": policy_cfg, "data_spec": bcfg.data_spec, "routes_source": source},
+        "input": {**bcfg.preprocessing(), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME},
+        "classes": list(bcfg.class_names), "groups": dict(bcfg.groups),
+        "full": {"model": FULL_FILE, "sha256": fm["sha256"], "mask": fm["mask"], "kept_heads": fm["kept_heads"],
+                 "head_usage": 1.0, "flops_rel": 1.0, "params": fm["params"], "acc": full_acc,
+                 "n_test": int(len(labels))},
+        "routes": {r["name"]: route_entry(r) for r in routes},
+        "models": models,
+        "samples": {"file": SAMPLES_FILE, "inputs": "inputs", "logits": sample_keys, "n": int(len(pick)),
+                    "sha256": sha256_file(out_dir / SAMPLES_FILE)},
+        "export": {"exporter": "torch.onnx TorchScript (dynamo=False)", "opset": 17, "attention": "manual (fused_attn=False)",
+                   "parity_tol": PARITY_TOL, "prune_tol": PRUNE_TOL, "fp16": bool(fp16), "layout": layout},
+    }
+    validate_manifest(json.loads(json.dumps(manifest, default=float)))
+    write_json(out_dir / MANIFEST, manifest)
+    if layout == "triton":
+        write_triton_layout(out_dir, manifest)
+    verify_bundle(out_dir)
+    log(f"wrote {out_dir}/{MANIFEST}: {len(routes)} routes -> {len(models) - 1} pruned models + full "
+        f"(full ONNX test acc {full_acc:.4f}); bundle verified")
+    return manifest

@@ -1,0 +1,111 @@
+"""The exported bundle: manifest schema, dedup, parity at batch 1/3/8 and accuracy, re-measured here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from steerprune.cli import main  # noqa: E402
+from steerprune.export.manifest import load_manifest, sha256_file, validate_manifest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle):
+    return load_manifest(tiny_bundle)
+
+
+def test_manifest_schema(tiny_bundle, manifest):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert validate_manifest(m) is m
+    assert m["schema_version"] == 1
+    assert m["classes"] == [str(i) for i in range(10)]
+    inp = m["input"]
+    assert (inp["img_size"], inp["channels"], inp["color_mode"], inp["layout"]) == (8, 1, "L", "NCHW")
+    assert (inp["input_name"], inp["output_name"], inp["dtype"]) == ("images", "logits", "float32")
+    assert inp["scale"] == pytest.approx(1 / 255)
+    assert set(m["routes"]) == {"0", "1", "7", "even", "3"}
+    assert m["full"]["model"] == "models/full.onnx" and m["full"]["flops_rel"] == 1.0 and m["full"]["head_usage"] == 1.0
+    assert 0.5 < m["full"]["acc"] <= 1.0
+    for name, r in m["routes"].items():
+        assert (tiny_bundle / r["model"]).is_file()
+        assert r["sha256"] == sha256_file(tiny_bundle / r["model"])
+        assert r["sha256"] == m["models"][r["model"]]["sha256"]
+        assert name in m["models"][r["model"]]["routes"]
+    # acc / off_route_acc are copied from the (hand-made) steering report
+    assert (m["routes"]["7"]["acc"], m["routes"]["7"]["off_route_acc"]) == (0.92, 0.30)
+    assert m["run"]["path"] and m["run"]["backbone"]["model_name"] == "vit_tiny_patch16_224"
+
+
+def test_dedup_and_masks(manifest):
+    routes, models = manifest["routes"], manifest["models"]
+    assert routes["0"]["model"] == routes["1"]["model"]  # same mask, one file
+    assert routes["3"]["model"] == "models/full.onnx"  # every head kept: the full model itself
+    assert len({r["model"] for r in routes.values()}) == 4 and len(models) == 4
+    assert sorted(models[routes["0"]["model"]]["routes"]) == ["0", "1"]
+    assert routes["7"]["kept_heads"]["L3"] == [] and routes["7"]["kept_heads"]["L1"] == [0, 2, 3, 5]
+    # head usage over gated layers 1-3; FLOPs strictly between the all-removed bound and the full model
+    assert routes["7"]["head_usage"] == pytest.approx((4 + 2 + 0) / 18)
+    assert routes["0"]["head_usage"] == pytest.approx((3 + 3 + 2) / 18)
+    assert 0 < routes["7"]["flops_rel"] < routes["0"]["flops_rel"] < routes["even"]["flops_rel"] < 1
+    assert routes["7"]["params"] < routes["0"]["params"] < routes["even"]["params"] < manifest["full"]["params"]
+
+
+def test_parity_recorded(manifest):
+    for rel, e in manifest["models"].items():
+        assert set(e["parity"]) == {"1", "3", "8"}
+        assert all(0 <= v <= 1e-4 for v in e["parity"].values()), (rel, e["parity"])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_onnx_equals_gated_torch(tiny_run, tiny_bundle, manifest, batch):
+    """Re-measure: each ONNX model vs the gated PyTorch model with its mask, on real test images."""
+    from steerprune.training.run import load_run
+    from steerprune.training.train import to_tensor
+
+    run = load_run(tiny_run)
+    x = to_tensor(run.load_data().test.images[:batch], run.backbone)
+    for rel, e in manifest["models"].items():
+        sess = ort.InferenceSession(str(tiny_bundle / rel), providers=["CPUExecutionProvider"])
+        got = sess.run(["logits"], {"images": x.numpy()})[0]
+        with torch.no_grad():
+            want = run.model(x, head_mask=torch.tensor(e["mask"], dtype=torch.float32)).logits.numpy()
+        assert got.shape == (batch, 10)
+        assert np.abs(got - want).max() <= 1e-4, rel
+
+
+def test_full_acc_matches_torch(tiny_run, manifest):
+    from steerprune.training.run import load_run
+    from steerprune.training.train import run_model
+
+    run = load_run(tiny_run)
+    test = run.load_data().test
+    acc = float((run_model(run.model, test.images, run.backbone, head_mask=torch.ones(4, 6)).logits.argmax(1)
+                 == test.labels).mean())
+    assert manifest["full"]["acc"] == pytest.approx(acc, abs=1.5 / len(test.labels))
+    assert manifest["full"]["n_test"] == len(test.labels)
+
+
+def test_masks_file_export(tiny_run, tmp_path):
+    """--masks instead of a report: acc fields are null, masks are validated, triton layout is written."""
+    masks = {"zero": {"classes": [0], "mask": [[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0]]},
+             "one": {"classes": [1], "mask": [[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0]]}}
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_run), "--out", str(out), "--masks", str(tmp_path / "masks.json"),
+                 "--layout", "triton"]) == 0
+    m = load_manifest(out)
+    assert m["routes"]["zero"]["acc"] is None and m["routes"]["zero"]["off_route_acc"] is None
+    assert m["routes"]["zero"]["model"] == m["routes"]["one"]["model"] and len(m["models"]) == 2
+    stem = m["routes"]["zero"]["model"].split("/")[-1][:-5]
+    assert (out / "triton" / stem / "1" / "model.onnx").read_bytes() == (out / m["routes"]["zero"]["model"]).read_bytes()
+    assert 'name: "images"' in (out / "triton" / stem / "config.pbtxt").read_text()
+    # bad masks: one line, exit 2
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"classes": [0], "mask": [[1] * 6] * 3}}))
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "c"), "--masks", str(tmp_path / "bad.json")]) == 2
+    (tmp_path / "bad2.json").write_text(json.dumps({"x": {"classes": [12], "mask": [[1] * 6] * 4}}))
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "c"), "--masks", str(tmp_path / "bad2.json")]) == 2
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "d")]) == 2  # no steering report in tiny_run
