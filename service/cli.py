@@ -1,0 +1,213 @@
+"""`steerprune serve` and `steerprune loadtest`, plus `start_server` / `curl_example` for quickstart.
+
+Module-level imports stay light (no bentoml, no onnxruntime): the CLI parser imports every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from steerprune.errors import UserError
+
+__all__ = ["register", "start_server", "stop_server", "curl_example", "server_env", "SERVICE_REF"]
+
+SERVICE_REF = "steerprune.service.service:SteerPrune"
+
+
+def server_env(bundle_dir, base: dict | None = None, **config) -> dict:
+    """Environment for a BentoML process serving `bundle_dir` with ServeConfig overrides in `config`."""
+    from .config import ENV_PREFIX, ServeConfig
+
+    cfg = ServeConfig(bundle=str(Path(bundle_dir).expanduser().resolve()),
+                      **{k: v for k, v in config.items() if k not in ("workers", "access_log")})
+    env = dict(os.environ if base is None else base)
+    env.update(cfg.to_env())
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if config.get("workers"):
+        env[ENV_PREFIX + "WORKERS"] = str(int(config["workers"]))
+    if config.get("access_log"):
+        env[ENV_PREFIX + "ACCESS_LOG"] = "1"
+    return env
+
+
+def _check_bundle(bundle_dir) -> Path:
+    from steerprune.export.manifest import load_manifest
+
+    bundle = Path(bundle_dir).expanduser()
+    load_manifest(bundle)  # quick schema check here; the worker re-verifies sha256 and parity
+    return bundle
+
+
+def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout: float = 120.0,
+                 log_path=None, env: dict | None = None, **config) -> subprocess.Popen:
+    """Start `bentoml serve` for a bundle and wait until /readyz answers 200.
+
+    `config` holds ServeConfig fields (device, hint_mode, min_prob, unknown_hint, batcher, threads, ...) plus
+    `workers` and `access_log`. The server's output goes to `log_path` (a temp file by default; `proc.log_path`).
+    If the server is not ready within `timeout` seconds or exits, it is killed and UserError says why (a failing
+    service __init__ makes BentoML respawn the worker forever, so waiting without a limit would hang).
+    """
+    _check_bundle(bundle_dir)
+    penv = server_env(bundle_dir, base=env, **config)
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix="steerprune-serve-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", host, "--port", str(port)]
+    with open(log_path, "ab") as logf:
+        # own process group: stop_server ends BentoML's workers with it
+        proc = subprocess.Popen(cmd, env=penv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.url = f"http://{_url_host(host)}:{port}"  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with code {proc.returncode}; last log lines:\n{_tail(log_path)}")
+        if _get_status(proc.url + "/readyz") == 200:
+            return proc
+        time.sleep(0.25)
+    stop_server(proc)
+    raise UserError(f"the server was not ready after {timeout:.0f} s (killed); last log lines:\n{_tail(log_path)}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def curl_example(bundle_dir, host: str = "127.0.0.1", port: int = 3000) -> str:
+    """A ready-to-paste curl call for this bundle: the first hint, and a sample image path to fill in."""
+    from steerprune.export.manifest import load_manifest
+
+    m = load_manifest(bundle_dir)
+    hint = next(iter(m["routes"]), None)
+    url = f"http://{_url_host(host)}:{port}/classify"
+    parts = ["curl", "-s", "-F", "image=@IMAGE.png"]
+    if hint is not None:
+        parts += ["-F", shlex.quote(f"hint={hint}")]
+    parts += ["-F", "top_k=3", url]
+    return " ".join(parts)
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _get_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (POST /classify, GET /routes)",
+                       description="Serve an exported bundle with BentoML: POST /classify (multipart image, hint, "
+                                   "top_k), GET /routes, /livez, /readyz, /metrics.")
+    p.add_argument("bundle", help="bundle directory written by `steerprune export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda: fail readiness unless ONNX Runtime really runs on CUDA (default: auto)")
+    p.add_argument("--hint-mode", choices=["verify", "trust"], default="verify")
+    p.add_argument("--min-prob", type=float, default=0.7, help="verify mode: fall back below this top-1 probability")
+    p.add_argument("--unknown-hint", choices=["error", "full"], default="error")
+    p.add_argument("--batcher", choices=["greedy", "bentoml"], default="greedy")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--startup-timeout", type=float, default=180.0)
+    p.set_defaults(func=_serve)
+
+    q = sub.add_parser("loadtest", help="bounded load test of a local server (throughput, latency, accuracy)",
+                       description="Load-test a steerprune server on 127.0.0.1/localhost with a mix of right, wrong "
+                                   "and missing hints; writes JSON and a PNG plot.")
+    q.add_argument("url", help="server URL, e.g. http://127.0.0.1:3000 (local hosts only)")
+    q.add_argument("--users", type=int, default=8, help="concurrent clients (1-64)")
+    q.add_argument("--duration", type=float, default=20.0, help="seconds (at most 600)")
+    q.add_argument("--max-requests", type=int, default=50_000, help="stop after this many requests")
+    q.add_argument("--mix", default="right=0.6,wrong=0.2,none=0.2", help="hint mix, e.g. right=0.6,wrong=0.2,none=0.2")
+    q.add_argument("--images", help="test images: an NPZ (images uint8 NHWC, labels) or a folder of class folders "
+                                    "(default: the bundle's digits test split when it was trained on digits)")
+    q.add_argument("--bundle", help="bundle directory, for the in-process ONNX Runtime baseline "
+                                    "(default: ask the server's /routes; needed for the baseline)")
+    q.add_argument("--server-pid", type=int, help="server process for CPU accounting (default: found by port)")
+    q.add_argument("--rate", type=float, default=0.0, help="pace all users to this many requests/s in total "
+                                                             "(default 0: saturate)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="loadtest.json", help="JSON report path; the plot goes beside it as .png")
+    q.set_defaults(func=_loadtest)
+
+
+def _serve(args) -> int:
+    bundle = _check_bundle(args.bundle)
+    config = dict(device=args.device, hint_mode=args.hint_mode, min_prob=args.min_prob,
+                  unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
+                  threads=args.threads, workers=args.workers, access_log=args.access_log)
+    env = server_env(bundle, **config)
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
+    print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "
+          f"/metrics)", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    url = f"http://{_url_host(args.host)}:{args.port}/readyz"
+
+    def on_term(*_):  # `docker stop` sends SIGTERM to PID 1: stop BentoML's process group with us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while proc.poll() is None and _get_status(url) != 200:
+            if time.monotonic() > deadline:
+                stop_server(proc)
+                raise UserError(f"not ready after {args.startup_timeout:.0f} s (see the log above); stopped")
+            time.sleep(0.25)
+        if proc.poll() is None:
+            print(f"ready: {curl_example(bundle, args.host, args.port)}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_server(proc)
+        return 130
+
+
+def _loadtest(args) -> int:
+    from .loadtest import LoadTestConfig, run_loadtest
+
+    cfg = LoadTestConfig(url=args.url, users=args.users, duration=args.duration, max_requests=args.max_requests,
+                         mix=args.mix, images=args.images, bundle=args.bundle, server_pid=args.server_pid,
+                         rate=args.rate, seed=args.seed, out=args.out)
+    report = run_loadtest(cfg, log=print)
+    return 0 if report["errors"] == 0 else 1

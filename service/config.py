@@ -1,0 +1,98 @@
+"""Serving options (`ServeConfig`), read from `STEERPRUNE_*` environment variables by the BentoML worker.
+
+`bentoml serve` gives the service class no arguments, so everything a worker needs travels as environment
+variables: `STEERPRUNE_BUNDLE` (required) and one `STEERPRUNE_<FIELD>` per field below (e.g.
+`STEERPRUNE_HINT_MODE=trust`). `steerprune serve` and `start_server` set them from their options.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+from steerprune.errors import UserError
+
+__all__ = ["ServeConfig", "ENV_PREFIX"]
+
+ENV_PREFIX = "STEERPRUNE_"
+
+
+@dataclass
+class ServeConfig:
+    """How the service loads a bundle, routes hints and bounds its inputs."""
+
+    bundle: str = ""
+    """Bundle directory written by `steerprune export` (manifest.json + models/)."""
+    device: str = "auto"
+    """auto (CUDA when onnxruntime has it and an NVIDIA GPU is visible) | cpu | cuda (fail readiness without CUDA)."""
+    hint_mode: str = "verify"
+    """verify: rerun on the full model when the routed answer contradicts the hint; trust: return the routed answer."""
+    min_prob: float = 0.7
+    """verify mode: a routed top-1 probability below this also falls back to the full model."""
+    unknown_hint: str = "error"
+    """error: an unknown hint is a 400 listing the valid hints; full: answer with the full model."""
+    top_k: int = 3
+    """Scores returned when the request gives no top_k (clipped to the number of classes)."""
+    max_batch_size: int = 64
+    """Largest batch one model run sees; also the largest warm-up batch."""
+    batcher: str = "greedy"
+    """greedy: run whatever queued while the previous batch ran (no added wait) | bentoml: BentoML's CorkDispatcher."""
+    max_latency_ms: int = 10_000
+    """bentoml batcher only: its hard queueing limit (requests past it get 503), so keep it generous."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads per session (0: ONNX Runtime's default, one per physical core)."""
+    warmup_rounds: int = 3
+    """Warm-up runs per session and batch size before /readyz turns ready."""
+    max_upload_bytes: int = 8 << 20
+    """Largest accepted request body (413 above)."""
+    max_pixels: int = 4096 * 4096
+    """Largest accepted image (width x height, checked from the header before decoding: decompression bombs)."""
+    verify: bool = True
+    """Re-check sha256 and stored-sample parity of every model at start-up (export's verify_bundle)."""
+
+    def __post_init__(self):
+        choices = {"device": ("auto", "cpu", "cuda"), "hint_mode": ("verify", "trust"),
+                   "unknown_hint": ("error", "full"), "batcher": ("greedy", "bentoml")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise UserError(f"min_prob must be in [0, 1], got {self.min_prob}")
+        for name in ("top_k", "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_size < 2:
+            raise UserError("max_batch_size must be at least 2")
+        if self.threads < 0 or self.warmup_rounds < 0:
+            raise UserError("threads and warmup_rounds must be >= 0")
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that make a BentoML worker rebuild this config."""
+        env = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            env[ENV_PREFIX + f.name.upper()] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeConfig":
+        environ = os.environ if environ is None else environ
+        kwargs = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes")
+                else:
+                    kwargs[f.name] = kind(raw)
+            except ValueError:
+                raise UserError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        cfg = cls(**kwargs)
+        if not cfg.bundle:
+            raise UserError(f"set {ENV_PREFIX}BUNDLE to a bundle directory (written by `steerprune export`)")
+        return cfg

@@ -1,0 +1,226 @@
+"""The routing engine: one ONNX Runtime session per distinct model of a bundle, hints -> routes, verify/fallback.
+
+Torch-free and BentoML-free, so the offline parity check, the load test's in-process baseline and the service all
+run the same code. Routes whose head masks are identical share one model file (export dedups them) and therefore
+one session here; a batch is split by session, not by route, so such routes also share one model run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from steerprune.errors import UserError
+
+from .config import ServeConfig
+from .preprocess import InputSpec
+
+__all__ = ["FULL", "Route", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax"]
+
+log = logging.getLogger("steerprune.service")
+
+FULL = "full"  # the route name of the unpruned model (also what a request without hint gets)
+
+
+class UnknownHint(UserError):
+    """A hint that is neither a route name nor 'full'."""
+
+
+class Route(NamedTuple):
+    name: str
+    model: str  # bundle-relative model path: the session key
+    classes: frozenset  # class indices this route answers for (all classes for 'full')
+    entry: dict  # the manifest's route (or full) entry
+
+
+class Result(NamedTuple):
+    probs: np.ndarray  # (C,) float32 softmax of the model that answered
+    route: str  # route the request was sent to ('full' without hint)
+    model: str  # model file that answered (the full model after a fallback)
+    fallback: bool
+    fallback_reason: Optional[str]  # 'off_route' | 'low_confidence' | None
+    wrong_hint: bool  # the full model's answer lies outside the hint's classes
+    routed_probs: Optional[np.ndarray]  # (C,) the routed model's softmax when it was overruled
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU this process could use (onnxruntime-gpu lists CUDA even without one, so ask the system)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+class Engine:
+    """Load a bundle's models and answer batches of preprocessed images routed by hint."""
+
+    def __init__(self, cfg: ServeConfig, log_fn=None):
+        from steerprune.export.manifest import load_manifest, model_paths, verify_bundle
+
+        self.cfg = cfg
+        self.bundle = Path(cfg.bundle).expanduser().resolve()
+        say = log_fn or log.info
+        if cfg.verify:  # sha256 of every file + stored-sample parity; raises BundleError with the reason
+            verify_bundle(self.bundle, log=say)
+        self.manifest = m = load_manifest(self.bundle)
+        self.spec = InputSpec.from_manifest(m["input"])
+        self.classes: list[str] = list(m["classes"])
+        self.input_name, self.output_name = m["input"]["input_name"], m["input"]["output_name"]
+        all_classes = frozenset(range(len(self.classes)))
+        self.routes: dict[str, Route] = {FULL: Route(FULL, m["full"]["model"], all_classes, m["full"])}
+        for name, r in m["routes"].items():
+            if name == FULL:
+                raise UserError("a route may not be called 'full': that name is the unpruned model")
+            self.routes[name] = Route(name, r["model"], frozenset(r["classes"]), r)
+        self.full_model = m["full"]["model"]
+
+        self.requested_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _cuda_built() and gpu_visible())
+        self.sessions = {}
+        self.providers: dict[str, list[str]] = {}
+        self.problems: list[str] = []  # reasons the engine must not report ready
+        for rel in model_paths(m):
+            sess = self._session(self.bundle / rel)
+            self.sessions[rel] = sess
+            self.providers[rel] = sess.get_providers()
+            if self.requested_cuda and "CUDAExecutionProvider" not in self.providers[rel]:
+                # onnxruntime logs an error and silently runs on the CPU when CUDA cannot start: refuse instead
+                self.problems.append(f"CUDA was requested (device={cfg.device}) but {rel} runs on "
+                                     f"{self.providers[rel]}: check onnxruntime-gpu, CUDA 13 and cuDNN 9")
+        for p in self.problems:
+            log.error("!!! %s", p)
+        self.device = "cuda" if self.requested_cuda and not self.problems else "cpu"
+        say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
+            f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
+
+    def _session(self, path: Path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.inter_op_num_threads = 1
+        if self.cfg.threads:
+            opts.intra_op_num_threads = self.cfg.threads
+        providers = ["CPUExecutionProvider"]
+        if self.requested_cuda:
+            if hasattr(ort, "preload_dlls"):
+                try:  # finds CUDA/cuDNN from pip wheels (nvidia-*) when they are installed
+                    ort.preload_dlls()
+                except Exception as e:  # noqa: BLE001 - the provider check below reports the outcome
+                    log.warning("onnxruntime.preload_dlls failed: %s", e)
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+    # ------------------------------------------------------------------------------------------ routing
+
+    def resolve(self, hint: Optional[str]) -> str:
+        """Route name for a hint: None/'' -> full; unknown -> UnknownHint, or full with unknown_hint='full'."""
+        if hint is None or hint == "":
+            return FULL
+        if hint in self.routes:
+            return hint
+        if self.cfg.unknown_hint == "full":
+            return FULL
+        raise UnknownHint(f"unknown hint {hint!r}; valid hints: {', '.join(self.hint_names())}")
+
+    def hint_names(self) -> list[str]:
+        return [n for n in self.routes if n != FULL]
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def logits(self, model: str, x: np.ndarray) -> np.ndarray:
+        """Raw model run: x (N, C, S, S) float32 -> logits (N, num_classes)."""
+        return self.sessions[model].run([self.output_name], {self.input_name: x})[0]
+
+    def run(self, x: np.ndarray, routes: Sequence[str]) -> list[Result]:
+        """Answer a batch: x (N, C, S, S), one route per row; the results keep the input order."""
+        n = len(routes)
+        probs = np.empty((n, len(self.classes)), np.float32)
+        by_model: dict[str, list[int]] = {}
+        for i, r in enumerate(routes):
+            by_model.setdefault(self.routes[r].model, []).append(i)
+        for model, idx in by_model.items():  # one run per distinct model: routes sharing a mask share it
+            probs[idx] = softmax(self.logits(model, x[idx] if len(idx) < n else x))
+
+        answered_by = [self.routes[r].model for r in routes]
+        reasons: list[Optional[str]] = [None] * n
+        if self.cfg.hint_mode == "verify":
+            for i, r in enumerate(routes):
+                if r == FULL:
+                    continue
+                top = int(probs[i].argmax())
+                if top not in self.routes[r].classes:
+                    reasons[i] = "off_route"
+                elif probs[i, top] < self.cfg.min_prob:
+                    reasons[i] = "low_confidence"
+        redo = [i for i in range(n) if reasons[i] is not None]
+        routed = {}
+        if redo:
+            routed = {i: probs[i].copy() for i in redo}
+            probs[redo] = softmax(self.logits(self.full_model, x[redo]))
+            for i in redo:
+                answered_by[i] = self.full_model
+        return [Result(probs[i], r, answered_by[i], reasons[i] is not None, reasons[i],
+                       reasons[i] is not None and int(probs[i].argmax()) not in self.routes[r].classes,
+                       routed.get(i)) for i, r in enumerate(routes)]
+
+    def warm_up(self, max_batch_size: int, rounds: int) -> float:
+        """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken."""
+        t0 = time.perf_counter()
+        sizes = sorted({min(1 << k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+        s = self.spec.img_size
+        c = 1 if self.spec.color_mode == "L" else 3
+        for model in self.sessions:
+            for b in sizes:
+                x = np.zeros((b, c, s, s), np.float32)
+                for _ in range(rounds):
+                    self.logits(model, x)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------ listing
+
+    def describe(self) -> dict:
+        """The /routes listing: hints, their classes, head usage, kept heads, accuracy, shared sessions."""
+        def info(r: Route) -> dict:
+            e = r.entry
+            return {"classes": [self.classes[c] for c in sorted(r.classes)], "class_indices": sorted(r.classes),
+                    "model": r.model, "head_usage": e.get("head_usage"), "kept_heads": e.get("kept_heads"),
+                    "flops_rel": e.get("flops_rel"), "acc": e.get("acc"), "off_route_acc": e.get("off_route_acc")}
+
+        return {
+            "routes": {n: info(r) for n, r in self.routes.items() if n != FULL},
+            "full": info(self.routes[FULL]),
+            "classes": self.classes,
+            "groups": self.manifest.get("groups", {}),
+            "hint_mode": self.cfg.hint_mode,
+            "min_prob": self.cfg.min_prob,
+            "unknown_hint": self.cfg.unknown_hint,
+            "sessions": {m: {"routes": sorted(n for n, r in self.routes.items() if r.model == m),
+                             "providers": self.providers[m]} for m in self.sessions},
+            "device": self.device,
+            "data_spec": _data_spec(self.manifest),
+        }
+
+
+def _data_spec(manifest: dict):
+    """The run's --data spec (e.g. 'digits'), wherever export nested it under 'run'."""
+    run = manifest.get("run") or {}
+    for d in (run, run.get("backbone") or {}, run.get("data") or {}):
+        if isinstance(d, dict) and isinstance(d.get("data_spec"), str):
+            return d["data_spec"]
+    return run.get("data") if isinstance(run.get("data"), str) else None
+
+
+def _cuda_built() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()

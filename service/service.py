@@ -1,0 +1,291 @@
+"""The BentoML service: `bentoml serve steerprune.service.service:SteerPrune` with STEERPRUNE_BUNDLE set.
+
+Endpoints (plus BentoML's /livez, /readyz and /metrics):
+    POST /classify   multipart form: image (file, required), hint (class or group name), top_k (int)
+    GET  /routes     hints, their classes, head usage, kept heads and accuracy from the manifest
+
+/classify and /routes are Starlette routes mounted into the service rather than `@bentoml.api` methods: BentoML's
+multipart parser answers HTTP 500 when `image` arrives as a text field (it tries to download it as a URL) or when
+a non-file field holds binary data, its batchable APIs take a single argument, and its APIs are POST-only. Here
+the handler reads the body under a size limit, validates every field and the image itself, and only then queues
+the preprocessed image for batched inference (batching.py). Every client mistake is a 4xx JSON `{"error": ...}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route as HttpRoute
+
+from steerprune.errors import UserError
+
+from .batching import make_batcher
+from .config import ENV_PREFIX, ServeConfig
+from .engine import FULL, Engine, UnknownHint
+from .preprocess import BadImage, decode_image
+
+__all__ = ["SteerPrune", "app"]
+
+log = logging.getLogger("steerprune.service")
+if not log.handlers:  # BentoML configures only its own loggers; start-up and CUDA problems must be visible
+    _h = logging.StreamHandler()
+    _h.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [steerprune] %(message)s"))
+    log.addHandler(_h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+FORM_FIELDS = ("image", "hint", "top_k")
+INLINE_DECODE_BYTES = 32 << 10  # smaller uploads decode on the event loop: cheaper than a thread hop
+
+# Prometheus metrics, served on BentoML's /metrics next to its own bentoml_service_* series.
+REQUESTS = bentoml.metrics.Counter(
+    name="steerprune_requests", documentation="Answered /classify requests by route and the model that answered",
+    labelnames=["route", "answered_by"])
+FALLBACKS = bentoml.metrics.Counter(
+    name="steerprune_fallbacks", documentation="verify mode: routed answers rerun on the full model, by reason",
+    labelnames=["route", "reason"])
+WRONG_HINTS = bentoml.metrics.Counter(
+    name="steerprune_wrong_hints", documentation="Hints the full model contradicts (its answer is outside the hint)",
+    labelnames=["route"])
+REJECTED = bentoml.metrics.Counter(
+    name="steerprune_rejected", documentation="/classify requests answered with a 4xx, by status",
+    labelnames=["status"])
+LATENCY = bentoml.metrics.Histogram(
+    name="steerprune_request_duration_seconds", documentation="/classify time in the handler by route",
+    labelnames=["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+BATCH = bentoml.metrics.Histogram(
+    name="steerprune_batch_size", documentation="Images per batched model run", labelnames=[],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@bentoml.service(
+    name="steerprune",
+    workers=int(os.environ.get(ENV_PREFIX + "WORKERS", "1")),
+    traffic={"timeout": 60},
+    # access lines cost ~8% of the server's CPU per request here; STEERPRUNE_ACCESS_LOG=1 turns them on
+    logging={"access": {"enabled": os.environ.get(ENV_PREFIX + "ACCESS_LOG", "0") == "1"}},
+)
+class SteerPrune:
+    """Routes each image by its class hint to the pruned ONNX model of that hint."""
+
+    def __init__(self) -> None:
+        self.cfg = ServeConfig.from_env()
+        self.engine = Engine(self.cfg)
+        self.batcher = make_batcher(self.cfg.batcher, self._run_batch, self.cfg.max_batch_size,
+                                    self.cfg.max_latency_ms)
+        self.listing = self.engine.describe()
+        self.ready = False
+        self.warmup_seconds = None
+        # warm up in the background so /livez answers while /readyz still says 503
+        threading.Thread(target=self._warm_up, name="steerprune-warmup", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        if self.engine.problems:
+            log.error("!!! not ready: %s", "; ".join(self.engine.problems))
+            return
+        try:
+            self.warmup_seconds = self.engine.warm_up(self.cfg.max_batch_size, self.cfg.warmup_rounds)
+        except Exception:  # noqa: BLE001 - stays unready; the log says why
+            log.exception("!!! warm-up failed: not ready")
+            return
+        log.info("warm-up done in %.2f s; ready", self.warmup_seconds)
+        self.ready = True
+
+    async def __is_ready__(self) -> bool:  # async: BentoML then skips a thread hop per probe
+        return self.ready
+
+    def _run_batch(self, items: list) -> list:
+        x = np.stack([it[0] for it in items])  # (N, C, S, S)
+        BATCH.observe(len(items))
+        return self.engine.run(x, [it[1] for it in items])
+
+    # ------------------------------------------------------------------------------------------ handlers
+
+    async def classify(self, request: Request) -> dict:
+        image, hint, top_k = await self._read_form(request)
+        try:
+            route = self.engine.resolve(hint)
+        except UnknownHint as e:
+            raise ApiError(400, str(e), valid_hints=self.engine.hint_names()) from None
+        try:
+            if len(image) <= INLINE_DECODE_BYTES:
+                x = decode_image(image, self.engine.spec, self.cfg.max_pixels)
+            else:  # big uploads decode in a thread so the event loop keeps serving
+                import anyio
+                x = await anyio.to_thread.run_sync(decode_image, image, self.engine.spec, self.cfg.max_pixels)
+        except BadImage as e:
+            raise ApiError(e.status, str(e)) from None
+        res = await self.batcher.submit((x, route))
+        return self._answer(res, top_k, hint)
+
+    def _answer(self, res, top_k: int, hint) -> dict:
+        eng = self.engine
+        probs = res.probs
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        idx = int(order[0])
+        model_entry = eng.routes[FULL].entry if res.fallback else eng.routes[res.route].entry
+        out = {
+            "label": eng.classes[idx], "index": idx, "prob": float(probs[idx]),
+            "scores": [{"label": eng.classes[int(i)], "index": int(i), "prob": float(probs[i])} for i in order],
+            "hint": hint, "route": res.route, "model": res.model,
+            "head_usage": model_entry.get("head_usage"), "flops_rel": model_entry.get("flops_rel"),
+            "fallback": res.fallback, "fallback_reason": _REASONS.get(res.fallback_reason),
+            "wrong_hint": res.wrong_hint,
+        }
+        if res.routed_probs is not None:
+            r = int(res.routed_probs.argmax())
+            out["routed"] = {"label": eng.classes[r], "index": r, "prob": float(res.routed_probs[r])}
+        REQUESTS.labels(route=res.route, answered_by="full" if res.fallback or res.route == FULL else "route").inc()
+        if res.fallback:
+            FALLBACKS.labels(route=res.route, reason=res.fallback_reason).inc()
+        if res.wrong_hint:
+            WRONG_HINTS.labels(route=res.route).inc()
+        return out
+
+    async def _read_form(self, request: Request):
+        """Body under the size limit -> (image bytes, hint or None, top_k); every mistake is an ApiError."""
+        limit = self.cfg.max_upload_bytes
+        if request.query_params:
+            raise ApiError(400, f"unknown query parameter(s) {sorted(request.query_params)}: send image, hint "
+                                f"and top_k as multipart form fields")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send multipart/form-data with an 'image' file field "
+                                f"(e.g. curl -F image=@digit.png), got content-type {ctype or 'none'!r}")
+        try:
+            declared = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            raise ApiError(400, "invalid content-length header") from None
+        if declared > limit:
+            raise ApiError(413, f"request body is {declared} bytes, above the limit of {limit} bytes")
+
+        received = 0
+        receive = request.receive
+
+        async def limited_receive():  # enforce the limit on the bytes that really arrive (chunked bodies too)
+            nonlocal received
+            msg = await receive()
+            received += len(msg.get("body", b""))
+            if received > limit:
+                raise _TooLarge
+            return msg
+
+        req = Request(request.scope, limited_receive)
+        try:
+            form = await req.form(max_files=len(FORM_FIELDS), max_fields=len(FORM_FIELDS), max_part_size=limit)
+        except _TooLarge:
+            raise ApiError(413, f"request body is larger than the limit of {limit} bytes") from None
+        except HTTPException as e:  # starlette's own multipart errors (too many files/fields, bad boundary)
+            raise ApiError(400, f"malformed multipart form: {e.detail}") from None
+        except ClientDisconnect:
+            raise
+        except Exception as e:  # noqa: BLE001 - python-multipart parse errors
+            raise ApiError(400, f"malformed multipart form: {str(e)[:200] or type(e).__name__}") from None
+        try:
+            keys = list(form.keys())
+            unknown = sorted(set(keys) - set(FORM_FIELDS))
+            if unknown:
+                raise ApiError(400, f"unknown form field(s) {unknown}: expected image (file), hint, top_k")
+            dup = sorted({k for k in keys if len(form.getlist(k)) > 1})
+            if dup:
+                raise ApiError(400, f"form field(s) {dup} given more than once")
+            upload = form.get("image")
+            if upload is None:
+                raise ApiError(400, "missing the 'image' file field (e.g. curl -F image=@digit.png)")
+            if isinstance(upload, str):
+                raise ApiError(400, "'image' must be a file upload, not a text field (curl -F image=@file.png)")
+            image = await upload.read()
+            hint = _text_field(form, "hint")
+            top_k = _text_field(form, "top_k")
+        finally:
+            await form.close()
+        n = len(self.engine.classes)
+        if top_k is None or top_k == "":
+            k = min(self.cfg.top_k, n)
+        else:
+            try:
+                k = int(top_k)
+            except ValueError:
+                raise ApiError(400, f"top_k must be an integer from 1 to {n}, got {top_k[:40]!r}") from None
+            if not 1 <= k <= n:
+                raise ApiError(400, f"top_k must be from 1 to {n}, got {k}")
+        return image, hint.strip() if hint else None, k
+
+
+_REASONS = {
+    None: None,
+    "off_route": "the routed model's top-1 class is not one of the hint's classes: answered by the full model",
+    "low_confidence": "the routed model's top-1 probability is below min_prob: answered by the full model",
+}
+
+
+def _text_field(form, name: str):
+    v = form.get(name)
+    if v is not None and not isinstance(v, str):
+        raise ApiError(400, f"'{name}' must be a text field, not a file")
+    if v is not None and len(v) > 256:
+        raise ApiError(400, f"'{name}' is longer than 256 characters")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- HTTP glue
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    REJECTED.labels(status=str(status)).inc()
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def classify_endpoint(request: Request):
+    t0 = time.perf_counter()
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # noqa: BLE001 - before the instance exists
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    if not svc.ready:
+        return JSONResponse({"error": "service is warming up; retry when /readyz answers 200"}, status_code=503)
+    try:
+        out = await svc.classify(request)
+    except ApiError as e:
+        return _error(e.status, str(e), **e.extra)
+    except (ClientDisconnect, asyncio.CancelledError):
+        raise
+    except UserError as e:
+        return _error(400, str(e))
+    LATENCY.labels(route=out["route"]).observe(time.perf_counter() - t0)
+    return JSONResponse(out)
+
+
+async def routes_endpoint(request: Request):
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # noqa: BLE001
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    return JSONResponse(dict(svc.listing, ready=svc.ready, batcher=svc.cfg.batcher,
+                             max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds))
+
+
+app = Starlette(routes=[
+    HttpRoute("/classify", classify_endpoint, methods=["POST"]),
+    HttpRoute("/routes", routes_endpoint, methods=["GET"]),
+])
+SteerPrune.mount_asgi_app(app, path="/")  # handlers find the instance with bentoml.get_current_service()

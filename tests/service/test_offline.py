@@ -1,0 +1,218 @@
+"""Service pieces without a server: preprocessing parity, the routing engine, config, load-test planning."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from steerprune.errors import UserError
+from steerprune.service.config import ServeConfig
+from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
+from steerprune.service.loadtest import LoadTestConfig, encode_png, parse_mix, plan_requests
+from steerprune.service.preprocess import BadImage, InputSpec, decode_image, normalize
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine(ServeConfig(bundle=str(tiny_bundle)))
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    from steerprune.training.data import load_data
+
+    return load_data("digits").test
+
+
+def _png(arr: np.ndarray, fmt="PNG", mode=None) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_service_module_does_not_import_torch():
+    code = ("import sys, steerprune.service.service, steerprune.service.cli, steerprune.service.loadtest; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=120,
+                         env={"BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_decode_matches_training_preprocessing(engine, digits_test):
+    torch = pytest.importorskip("torch")
+    from steerprune.training.model import BackboneConfig
+    from steerprune.training.train import to_tensor
+
+    inp = engine.manifest["input"]  # the run's preprocessing, as the bundle carries it
+    bcfg = BackboneConfig(model_name="x", model_kwargs={}, num_classes=10, class_names=[str(i) for i in range(10)],
+                          img_size=inp["img_size"], in_chans=inp["channels"], mean=inp["mean"], std=inp["std"])
+    imgs = digits_test.images[:16]
+    ref = to_tensor(imgs, bcfg).numpy()
+    got = np.stack([decode_image(_png(im[..., 0]), engine.spec, 1 << 20) for im in imgs])
+    assert got.shape == ref.shape == (16, 1, 8, 8) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)  # bit-exact: same division order as torch
+    np.testing.assert_array_equal(normalize(imgs, engine.spec), ref)
+    assert isinstance(torch.__version__, str)
+
+
+def test_decode_converts_any_mode_and_size(engine):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    for fmt, mode in (("PNG", None), ("JPEG", None), ("WEBP", None), ("PNG", "RGBA"), ("PNG", "P"), ("TIFF", "CMYK"),
+                      ("BMP", "1"), ("PNG", "I;16")):
+        x = decode_image(_png(rgb, fmt, mode), engine.spec, 1 << 20)
+        assert x.shape == (1, 8, 8) and np.isfinite(x).all(), (fmt, mode)
+
+
+@pytest.mark.parametrize("data,status,words", [
+    (b"", 400, "empty"),
+    (b"hello, not an image", 415, "not an image"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, "not an image"),  # EPS would shell out: refused
+])
+def test_decode_rejects_non_images(engine, data, status, words):
+    with pytest.raises(BadImage) as e:
+        decode_image(data, engine.spec, 1 << 20)
+    assert e.value.status == status and words in str(e.value)
+
+
+def test_decode_rejects_truncated_and_huge(engine):
+    png = _png(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    with pytest.raises(BadImage) as e:
+        decode_image(png[: len(png) // 2], engine.spec, 1 << 20)
+    assert e.value.status == 400 and "truncated" in str(e.value)
+    big = _png(np.zeros((300, 300), np.uint8))
+    with pytest.raises(BadImage) as e:
+        decode_image(big, engine.spec, max_pixels=256 * 256)
+    assert e.value.status == 413 and "300x300" in str(e.value)
+
+
+def test_sessions_are_shared_by_routes_with_one_mask(engine):
+    m = engine.manifest
+    assert len(engine.sessions) == len(m["models"]) < len(m["routes"]) + 1
+    assert engine.routes["0"].model == engine.routes["1"].model
+    assert engine.sessions[engine.routes["0"].model] is engine.sessions[engine.routes["1"].model]
+    listing = engine.describe()
+    shared = [s["routes"] for s in listing["sessions"].values()]
+    assert ["0", "1"] in shared
+    assert listing["routes"]["7"]["kept_heads"] == m["routes"]["7"]["kept_heads"]
+
+
+def test_engine_run_equals_each_models_offline_answer(engine, digits_test):
+    x = normalize(digits_test.images[:24], engine.spec)
+    routes = [FULL, "0", "1", "7", "even", "3"] * 4
+    trust = Engine(ServeConfig(bundle=str(engine.bundle), hint_mode="trust", verify=False))
+    res = trust.run(x, routes)
+    for i, (r, out) in enumerate(zip(routes, res)):
+        ref = softmax(trust.logits(trust.routes[r].model, x[i:i + 1]))[0]
+        np.testing.assert_allclose(out.probs, ref, atol=1e-5)
+        assert out.route == r and not out.fallback and out.model == trust.routes[r].model
+
+
+def test_verify_mode_reruns_contradicted_hints_on_the_full_model(engine, digits_test):
+    x = normalize(digits_test.images[:60], engine.spec)
+    full = softmax(engine.logits(engine.full_model, x))
+    routed = softmax(engine.logits(engine.routes["7"].model, x))
+    res = engine.run(x, ["7"] * len(x))
+    for i, out in enumerate(res):
+        top = int(routed[i].argmax())
+        expect_fb = top != 7 or routed[i, top] < engine.cfg.min_prob
+        assert out.fallback == expect_fb
+        if expect_fb:
+            np.testing.assert_allclose(out.probs, full[i], atol=1e-5)
+            assert out.model == engine.full_model and out.fallback_reason in ("off_route", "low_confidence")
+            assert out.wrong_hint == (int(full[i].argmax()) != 7)
+            np.testing.assert_allclose(out.routed_probs, routed[i], atol=1e-5)
+        else:
+            np.testing.assert_allclose(out.probs, routed[i], atol=1e-5)
+    assert sum(o.fallback for o in res) > 0  # most of 60 digits are not 7s
+
+
+def test_resolve_hints(engine, tmp_path):
+    assert engine.resolve(None) == FULL and engine.resolve("") == FULL and engine.resolve("even") == "even"
+    with pytest.raises(UnknownHint, match="valid hints: 0, 1, 7, even, 3"):
+        engine.resolve("cat")
+    lenient = Engine(ServeConfig(bundle=str(engine.bundle), unknown_hint="full", verify=False, hint_mode="trust"))
+    assert lenient.resolve("cat") == FULL
+
+
+def test_requesting_cuda_without_it_is_a_problem_not_a_silent_cpu_run(tiny_bundle):
+    from steerprune.service.engine import gpu_visible
+
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), device="cuda", verify=False))
+    if gpu_visible() and all("CUDAExecutionProvider" in p for p in eng.providers.values()):
+        pytest.skip("CUDA is really active here (see the gpu test)")
+    assert eng.problems and "CUDA was requested" in eng.problems[0] and eng.device == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_sessions_run_on_cuda(tiny_bundle, digits_test):
+    from steerprune.service.engine import gpu_visible
+
+    if not gpu_visible():
+        pytest.skip("no NVIDIA GPU visible")
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), device="cuda"))
+    assert not eng.problems and all(p[0] == "CUDAExecutionProvider" for p in eng.providers.values())
+    cpu = Engine(ServeConfig(bundle=str(tiny_bundle), device="cpu", verify=False))
+    x = normalize(digits_test.images[:32], eng.spec)
+    np.testing.assert_allclose(eng.logits(eng.full_model, x), cpu.logits(cpu.full_model, x), atol=1e-3)
+
+
+def test_corrupt_bundle_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from steerprune.export.manifest import BundleError
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    model = bad / json.loads((bad / "manifest.json").read_text())["routes"]["7"]["model"]
+    model.write_bytes(model.read_bytes()[:-16] + b"\0" * 16)
+    with pytest.raises(BundleError, match="sha256"):
+        Engine(ServeConfig(bundle=str(bad)))
+
+
+def test_serve_config_env_round_trip_and_validation(tmp_path):
+    cfg = ServeConfig(bundle=str(tmp_path), hint_mode="trust", min_prob=0.3, threads=2, verify=False)
+    assert ServeConfig.from_env(cfg.to_env()) == cfg
+    with pytest.raises(UserError, match="STEERPRUNE_BUNDLE"):
+        ServeConfig.from_env({})
+    with pytest.raises(UserError, match="hint_mode"):
+        ServeConfig(bundle="x", hint_mode="maybe")
+    with pytest.raises(UserError, match="STEERPRUNE_MIN_PROB"):
+        ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_MIN_PROB": "high"})
+
+
+def test_loadtest_is_local_and_bounded():
+    for url in ("http://example.com:3000", "http://10.0.0.1:3000", "ftp://127.0.0.1"):
+        with pytest.raises(UserError):
+            LoadTestConfig(url=url)
+    with pytest.raises(UserError, match="duration"):
+        LoadTestConfig(url="http://127.0.0.1:3000", duration=3600)
+    with pytest.raises(UserError, match="users"):
+        LoadTestConfig(url="http://localhost:3000", users=1000)
+    assert parse_mix("right=3,wrong=1") == {"right": 0.75, "wrong": 0.25, "none": 0.0}
+    with pytest.raises(UserError):
+        parse_mix("rigth=1")
+
+
+def test_plan_requests_gives_right_and_wrong_hints():
+    labels = np.array([0, 1, 7, 2, 3] * 40)
+    routes = {"0": [0], "1": [1], "7": [7], "even": [0, 2, 4, 6, 8]}
+    plan = plan_requests(2000, labels, routes, parse_mix("right=0.5,wrong=0.3,none=0.2"), seed=0)
+    for p in plan:
+        c = int(labels[p.image])
+        if p.kind == "right":
+            assert c in routes[p.hint]
+        elif p.kind == "wrong":
+            assert c not in routes[p.hint]
+        else:
+            assert p.hint is None
+    kinds = [p.kind for p in plan]
+    assert 0.25 < kinds.count("wrong") / len(plan) < 0.35
+    assert encode_png(np.zeros((8, 8, 1), np.uint8))[:4] == b"\x89PNG"
