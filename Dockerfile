@@ -21,6 +21,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     STEERPRUNE_BUNDLE=/bundle \
     PATH=/opt/venv/bin:$PATH
 
+# distro python3 of the base image (its version follows the image tag)
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -33,14 +35,16 @@ COPY training/ training/
 COPY steering/ steering/
 COPY export/ export/
 COPY service/ service/
-# the serve extras hold no torch; the check fails the build if a dependency ever pulls it in
+# the serve extras hold no torch; the check fails the build if a dependency ever pulls it in.
+# Versions are pinned in pyproject.toml's extras (bentoml, onnxruntime[-gpu]).
+# hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "cpu" ]; then extra=serve; else extra=serve-gpu; fi \
     && pip install ".[${extra}]" \
     && python -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
     && python -c "import steerprune.service.service"
 
 RUN useradd --create-home --uid 10001 steerprune && mkdir -p /bundle && chown steerprune /bundle
-USER steerprune
+USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
