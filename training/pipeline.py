@@ -60,6 +60,8 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
         model = train_policy(run.vit, data, tcfg, run.backbone, log=log)
         if tcfg.finetune_backbone:
             save_module(model.vit, run_dir / "backbone.safetensors")
+            # the saved backbone is now the jointly tuned one: report its accuracy too
+            metrics.setdefault("backbone", {})["test_acc_after_policy_finetune"] = evaluate_backbone(model.vit, data.test, run.backbone)
         save_module(model.policy, run_dir / "policy.safetensors")
         model.policy.save_config(run_dir / "policy.json")
         for stale in run_dir.glob("sae_L*"):
@@ -92,7 +94,7 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
             weights, config = sae_paths(run_dir, layer)
             save_module(sae, weights)
             sae.save_config(config)
-            per_layer[str(layer)] = evaluate_sae(run.model, sae, data.test, run.backbone)
+            per_layer[str(layer)] = evaluate_sae(run.model, sae, data.test, run.backbone, inputs[:, gated.index(layer)])
             log(f"SAE L{layer}: FVU {per_layer[str(layer)]['fvu']:.4f} L0 {per_layer[str(layer)]['l0']:.1f} "
                 f"dead {per_layer[str(layer)]['dead_fraction']:.3f}")
         last = per_layer[str(max(layers))]

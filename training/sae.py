@@ -30,9 +30,10 @@ class SAEConfig:
     """Active latents per input."""
     aux_k: Optional[int] = None
     """Dead latents used by the auxiliary loss; default d_in // 2."""
-    aux_coef: float = 1 / 32
-    """Weight of the auxiliary loss (Gao et al.)."""
-    dead_after: int = 2000
+    aux_coef: float = 1.0
+    """Weight of the auxiliary loss. Gao et al. use 1/32 with billions of tokens; with ~10^4 CLS vectors a strong
+    AuxK is what keeps latents alive (digits: 21% dead at 1/32, 3% at 1, same FVU)."""
+    dead_after: int = 1000
     """A latent that has not fired for this many training inputs counts as dead for the auxiliary loss."""
 
     def __post_init__(self):
