@@ -136,6 +136,13 @@ def time_variants(variants: list[dict], shape: Sequence[int], threads: int = 2, 
     return out
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _summary(results: list[dict], batch: str) -> dict:
     removed = [v for v in results if v["role"] == "removed"]
     masked = [v for v in results if v["role"] == "masked"]
@@ -154,7 +161,8 @@ def _machine(threads: int) -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": threads, "onnxruntime": ort.__version__,
-            "provider": "CPUExecutionProvider", "python": platform.python_version()}
+            "provider": "CPUExecutionProvider", "python": platform.python_version(),
+            "load_avg_1m_start": _loadavg()}  # other work on the machine while measuring: see load_avg_1m_end
 
 
 def plot_bench(result: dict, path: Path) -> Path:
@@ -195,6 +203,7 @@ def plot_bench(result: dict, path: Path) -> Path:
 def _finish(result: dict, out_path: Path, log) -> dict:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"]["load_avg_1m_end"] = _loadavg()
     result["summary"] = {b: _summary(result["variants"], str(b)) for b in result["batches"]}
     try:
         result["plot"] = str(plot_bench(result, out_path.with_suffix(".png")))

@@ -192,6 +192,14 @@ def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> 
         if digest != m["models"][rel]["sha256"]:
             _fail(f"{rel}: sha256 mismatch (file changed or corrupt): expected {m['models'][rel]['sha256'][:12]}..., "
                   f"found {digest[:12]}...")
+        half = m["models"][rel].get("fp16")
+        if half:  # optional float16 copy: its checksum is checked, its parity was measured at export
+            _check_rel_path(half.get("model"), f"models[{rel!r}].fp16")
+            hp = bundle_dir / half["model"]
+            if not hp.is_file():
+                _fail(f"manifest points to a missing model file: {half['model']}")
+            if sha256_file(hp) != half["sha256"]:
+                _fail(f"{half['model']}: sha256 mismatch (file changed or corrupt)")
         try:
             sess = ort_session(path, threads=1)
         except Exception as e:  # noqa: BLE001 - ORT raises several types for bad models

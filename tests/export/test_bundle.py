@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from steerprune.cli import main  # noqa: E402
-from steerprune.export.manifest import load_manifest, sha256_file, validate_manifest  # noqa: E402
+from steerprune.export.manifest import (BundleError, load_manifest, sha256_file, validate_manifest,  # noqa: E402
+                                       verify_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +91,27 @@ def test_full_acc_matches_torch(tiny_run, manifest):
 
 
 def test_masks_file_export(tiny_run, tmp_path):
-    """--masks instead of a report: acc fields are null, masks are validated, triton layout is written."""
+    """--masks instead of a report: acc fields are null, masks are validated, fp16 copies and triton layout."""
     masks = {"zero": {"classes": [0], "mask": [[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0]]},
              "one": {"classes": [1], "mask": [[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0]]}}
     (tmp_path / "masks.json").write_text(json.dumps(masks))
     out = tmp_path / "b"
     assert main(["export", str(tiny_run), "--out", str(out), "--masks", str(tmp_path / "masks.json"),
-                 "--layout", "triton"]) == 0
+                 "--layout", "triton", "--fp16"]) == 0
     m = load_manifest(out)
     assert m["routes"]["zero"]["acc"] is None and m["routes"]["zero"]["off_route_acc"] is None
     assert m["routes"]["zero"]["model"] == m["routes"]["one"]["model"] and len(m["models"]) == 2
     stem = m["routes"]["zero"]["model"].split("/")[-1][:-5]
     assert (out / "triton" / stem / "1" / "model.onnx").read_bytes() == (out / m["routes"]["zero"]["model"]).read_bytes()
     assert 'name: "images"' in (out / "triton" / stem / "config.pbtxt").read_text()
+    for e in m["models"].values():
+        half = e["fp16"]
+        assert (out / half["model"]).stat().st_size < 0.7 * (out / half["model"].replace(".fp16", "")).stat().st_size
+        assert set(half["parity"]) == {"1", "3", "8"} and max(half["parity"].values()) <= 5e-2
+    verify_bundle(out)
+    (out / half["model"]).write_bytes(b"x")
+    with pytest.raises(BundleError, match="fp16.onnx: sha256 mismatch"):
+        verify_bundle(out)
     # bad masks: one line, exit 2
     (tmp_path / "bad.json").write_text(json.dumps({"x": {"classes": [0], "mask": [[1] * 6] * 3}}))
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "c"), "--masks", str(tmp_path / "bad.json")]) == 2
