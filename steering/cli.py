@@ -1,0 +1,67 @@
+"""`steerprune steer` (light at import: torch is imported only when the command runs)."""
+from __future__ import annotations
+
+import argparse
+
+from steerprune.errors import UserError
+
+__all__ = ["register"]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("steer", help="steer SAE latents to derive compact per-class head masks for RUN",
+                       description="Amplify or attenuate SAE latents of the residual the head policy reads, derive one "
+                                   "static head mask per class (or group) on val, and report them on test against "
+                                   "random-latent and threshold controls. Writes RUN/steering/.")
+    p.add_argument("run", help="run directory from `steerprune train`")
+    p.add_argument("--strategy", default="per-class", choices=["per-class", "zero-shot", "global", "random"])
+    p.add_argument("--rank", default=None, choices=["contrast", "effect"],
+                   help="label-based latent ranking: effect on the policy's keep logits (default) or class contrast")
+    p.add_argument("--groups", dest="groups_path", metavar="FILE",
+                   help="JSON {group: [class names or indices]}: one route per group, mask from the union")
+    p.add_argument("--data-groups", action="store_true", help="route by the dataset's groups (CIFAR-100 coarse classes)")
+    p.add_argument("--layers", type=_ints, help="gated layers to steer (default: every layer with an SAE)")
+    p.add_argument("--ks", type=_ints, help="latents per layer to try (default 1,2,4,8)")
+    p.add_argument("--alphas", type=_floats, help="scales to try (default 0,0.5,2,4,8,16)")
+    p.add_argument("--tau", type=float, help="fraction of a route's val images that must keep a head (default 0.5)")
+    p.add_argument("--aggregate", choices=["vote", "prob"], help="static mask from votes (default) or mean keep-prob")
+    p.add_argument("--eps", type=float, help="allowed route val accuracy drop when choosing alpha (default 0)")
+    p.add_argument("--no-label-free", action="store_true", help="skip the label-free comparison run")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="output folder (default RUN/steering)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_steer)
+
+
+def _steer(args) -> int:
+    import torch
+
+    from .pipeline import steer_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tau is not None and not 0 < args.tau <= 1:
+        raise UserError(f"--tau must be in (0, 1], got {args.tau}")
+    opts = {k: getattr(args, k) for k in ("rank", "layers", "ks", "alphas", "tau", "aggregate", "eps", "seed")
+            if getattr(args, k) is not None}
+    if args.no_label_free:
+        opts["compare_label_free"] = False
+    report = steer_run(args.run, args.strategy, args.groups_path, out_dir=args.out, use_groups=args.data_groups, **opts)
+    s = report["summary"]
+    print(f"{s['routes']} routes: head usage {s['mean_usage_before']:.3f} -> {s['mean_usage_after']:.3f}, "
+          f"route acc {100 * s['mean_acc_before']:.1f}% -> {100 * s['mean_acc_after']:.1f}%")
+    return 0

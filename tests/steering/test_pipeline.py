@@ -1,0 +1,111 @@
+"""`steer_run` end to end on the tiny run: report schema, files, plots, test-split independence of every choice, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from steerprune.steering.pipeline import steer_run  # noqa: E402
+from steerprune.training.data import Split  # noqa: E402
+from steerprune.training.run import Run  # noqa: E402
+
+# small grids keep a run to a few seconds on 2 cores
+FAST = dict(ks=[1, 4], alphas=[0.0, 8.0], thresholds=[0.5, 0.7, 0.9, 0.97], control_taus=[0.5, 0.8])
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("steer")
+    rep = steer_run(tiny_run, "per-class", out_dir=out, log=lambda *_: None, **FAST)
+    return out, rep
+
+
+def test_report_schema_and_files(report, tiny_run):
+    out, rep = report
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["routes"] == json.loads(json.dumps(rep["routes"], default=float))
+    assert isinstance(on_disk["routes"], list) and len(on_disk["routes"]) == 10
+    gated = on_disk["gated_layers"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["strategy"] == "per-class" and cfg["ks"] == [1, 4] and cfg["selection"] == "val"
+    for r in on_disk["routes"]:
+        assert r["name"] == on_disk["class_names"][r["classes"][0]] and len(r["classes"]) == 1
+        for key in ("mask", "head_usage", "acc", "off_route_acc", "baseline", "threshold_control", "random_control",
+                    "alpha", "latents", "flops_rel", "kept_heads", "acc_ci95"):
+            assert key in r, key
+        mask = np.asarray(r["mask"])
+        assert mask.shape == (4, 6) and set(np.unique(mask)) <= {0, 1}
+        ungated = [l for l in range(4) if l not in gated]
+        assert (mask[ungated] == 1).all()
+        assert r["head_usage"] == pytest.approx(mask[gated].mean())
+        assert r["kept_heads"] == {f"L{l}": np.flatnonzero(mask[l]).tolist() for l in gated}
+        for ctrl in ("baseline", "threshold_control", "random_control"):
+            assert {"head_usage", "acc", "mask"} <= set(r[ctrl])
+            assert 0 <= r[ctrl]["acc"] <= 1
+        assert r["acc_ci95"][0] <= r["acc"] <= r["acc_ci95"][1]
+        assert 0 < r["flops_rel"] <= 1
+        if r["alpha"] == 1.0:
+            assert r["mask"] == r["baseline"]["mask"]
+    s = on_disk["summary"]
+    assert s["mean_usage_after"] == pytest.approx(np.mean([r["head_usage"] for r in on_disk["routes"]]))
+    assert s["mean_usage_before"] == pytest.approx(np.mean([r["baseline"]["head_usage"] for r in on_disk["routes"]]))
+    assert s["mean_usage_after"] <= s["mean_usage_before"]  # alpha = 1 is always a candidate
+    zs = s["zero_shot"]
+    assert set(zs["precision_at_k"]) == set(zs["random_precision"]) == {"1", "5", "10"}
+    assert on_disk["zero_shot"]["random_precision"]["1"] == pytest.approx(1 / 384)
+    assert "label_free" in s and "targets" in on_disk
+    md = (out / "report.md").read_text()
+    assert "threshold control" in md and "| 0 |" in md and "precision@1" in md
+
+
+def test_plots_are_written(report):
+    out, _ = report
+    for name in ("kept_heads.png", "usage_vs_acc.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_choices_do_not_depend_on_the_test_split(report, tiny_run, tmp_path, monkeypatch):
+    """Replace the test split with noise: every choice (latents, alpha, masks, controls) must stay the same."""
+    _, rep = report
+    original = Run.load_data
+
+    def noisy(self):
+        data = original(self)
+        rng = np.random.default_rng(1)
+        data.test = Split(rng.integers(0, 256, data.test.images.shape, dtype=np.uint8), rng.permutation(data.test.labels))
+        return data
+
+    monkeypatch.setattr(Run, "load_data", noisy)
+    rep2 = steer_run(tiny_run, "per-class", out_dir=tmp_path, log=lambda *_: None, compare_label_free=False, **FAST)
+    for a, b in zip(rep["routes"], rep2["routes"]):
+        for key in ("mask", "alpha", "k", "latents"):
+            assert a[key] == b[key], (a["name"], key)
+        for ctrl in ("baseline", "threshold_control", "random_control"):
+            assert a[ctrl]["mask"] == b[ctrl]["mask"]
+    assert [r["acc"] for r in rep["routes"]] != [r["acc"] for r in rep2["routes"]]  # test figures did change
+
+
+def test_cli_groups_and_errors(tiny_run, tmp_path, capsys):
+    from steerprune.cli import main
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"round": ["0", "6", "8", "9"], "straight": [1, 4, 7]}))
+    out = tmp_path / "g"
+    rc = main(["steer", str(tiny_run), "--groups", str(groups), "--ks", "2", "--alphas", "0,4", "--layers", "3",
+               "--no-label-free", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in rep["routes"]] == ["round", "straight"]
+    assert rep["routes"][0]["classes"] == [0, 6, 8, 9]
+    assert rep["config"]["layers_steered"] == [3]
+    assert all(set(r["latents"]) <= {"L3"} for r in rep["routes"])
+    assert rep["routes"][0]["n"] == sum(r["n"] for r in rep["routes"][:1])
+    assert main(["steer", str(tiny_run), "--groups", str(tmp_path / "nope.json")]) == 2
+    assert main(["steer", str(tiny_run), "--layers", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["steer", str(tmp_path / "no_run")]) == 2
+    err = capsys.readouterr().err
+    assert "groups file not found" in err and "cannot steer layers" in err

@@ -1,0 +1,146 @@
+"""The steering operation on a real tiny run: identity at alpha = 1, first-order effect on the keep logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from steerprune.steering.steer import (Steering, class_directions, latent_effects, policy_jacobian,  # noqa: E402
+                                       rank_contrast, rank_effect, rank_zero_shot, random_latents, steer_fn, steer_input, top_k,
+                                       weighted_effects)
+from steerprune.training.run import load_run  # noqa: E402
+from steerprune.training.train import run_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return load_run(tiny_run, need=("backbone", "policy", "sae"))
+
+
+@pytest.fixture(scope="module")
+def val(run):
+    return run.load_data().val
+
+
+@torch.no_grad()
+def _dense(sae, x) -> torch.Tensor:
+    return sae.dense_latents(x if torch.is_tensor(x) else torch.from_numpy(x))
+
+
+def _all_layers_fn(run, latents, alpha):
+    """Steering through steer_input at every SAE layer, with no alpha == 1 shortcut anywhere."""
+    idx = {l: torch.as_tensor(v) for l, v in latents.items()}
+    return lambda layer, cls: steer_input(run.saes[layer], cls, idx[layer], alpha) if layer in idx else cls
+
+
+def test_alpha_one_reproduces_unsteered_decisions_exactly(run, val):
+    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    # the latents that fire most on these images, so the alpha = 1 path really adds (alpha - 1) * z != 0 terms' zeros
+    latents = {}
+    for l, sae in run.saes.items():
+        j = run.policy.cfg.gated_layers.index(l)
+        z = _dense(sae, base.policy_inputs[:, j]).numpy()
+        latents[l] = top_k((z != 0).mean(0), 8)
+        assert (z[:, latents[l]] != 0).any()
+    same = run_model(run.model, val.images, run.backbone, policy_input_fn=_all_layers_fn(run, latents, 1.0))
+    np.testing.assert_array_equal(same.keep_logits, base.keep_logits)
+    np.testing.assert_array_equal(same.masks, base.masks)
+    np.testing.assert_array_equal(same.logits, base.logits)
+    assert steer_fn(run.saes, Steering(latents, 1.0)) is None
+    # and a real alpha does change what the policy reads
+    moved = run_model(run.model, val.images, run.backbone, policy_input_fn=_all_layers_fn(run, latents, 4.0))
+    assert np.abs(moved.keep_logits - base.keep_logits).max() > 1e-3
+
+
+def test_steering_leaves_the_residual_stream_alone(run, val):
+    """Only the policy's input changes: with the policy's masks fixed, steering cannot change the logits."""
+    from steerprune.training.train import to_tensor
+
+    xt = to_tensor(val.images[:32], run.backbone)
+    fixed = run.model(xt).masks
+    latents = {l: list(range(16)) for l in run.saes}
+    fn = steer_fn(run.saes, Steering(latents, 8.0))
+    with torch.no_grad():
+        a = run.model(xt, head_mask=fixed).logits
+        # policy_input_fn is ignored when a mask is given: the stream is the same forward
+        b = run.model(xt, head_mask=fixed, policy_input_fn=fn).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_amplifying_a_latent_moves_keep_logits_along_decoder_times_policy(run, val):
+    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    gated = run.policy.cfg.gated_layers
+    for l, sae in run.saes.items():
+        j = gated.index(l)
+        x = torch.from_numpy(base.policy_inputs[:, j])  # (N, D)
+        z = _dense(sae, x)
+        i = int((z != 0).float().mean(0).argmax())  # the most frequently active latent
+        on = z[:, i] > 0
+        assert on.sum() >= 5
+        xs = base.policy_inputs[on.numpy(), j]
+        J = policy_jacobian(run.policy, j, xs)  # (n, H, D) per image
+        e = J @ sae.W_dec.detach()[i].numpy()  # (n, H)
+        # the averaged closed form equals the mean of the per-image Jacobians
+        np.testing.assert_allclose(latent_effects(run.policy, j, sae, xs)[i], e.mean(0), rtol=1e-4, atol=1e-5)
+        alpha = 1.1
+        with torch.no_grad():
+            before = run.policy.layer_logits(j, x[on])
+            after = run.policy.layer_logits(j, steer_input(sae, x[on], torch.tensor([i]), alpha))
+        actual = (after - before).numpy().ravel()  # (n * H,)
+        predicted = ((alpha - 1) * z[on, i].numpy()[:, None] * e).ravel()
+        r = np.corrcoef(actual, predicted)[0, 1]
+        assert r > 0.98, f"L{l}: correlation {r:.3f}"
+        big = np.abs(predicted) > 0.1 * np.abs(predicted).max()
+        assert big.sum() >= 5 and (np.sign(actual) == np.sign(predicted))[big].mean() > 0.95
+        # z-weighted effects are the mean of the per-image first-order changes
+        Z = z.numpy()
+        eff = weighted_effects(run.policy, j, sae, base.policy_inputs[:, j], Z)
+        J_all = policy_jacobian(run.policy, j, base.policy_inputs[:, j])
+        np.testing.assert_allclose(eff[i], (Z[:, i, None] * (J_all @ sae.W_dec.detach()[i].numpy())).mean(0),
+                                   rtol=1e-4, atol=1e-6)
+        # the ranking's sign: the top latent for amplification lowers the keep logits summed over heads
+        best = top_k(rank_effect(eff, +1.0), 1)[0]
+        with torch.no_grad():
+            drop = run.policy.layer_logits(j, steer_input(sae, x, torch.tensor([best]), 1.5)) - run.policy.layer_logits(j, x)
+        assert float(drop.sum(1).mean()) < 0
+
+
+def test_effect_latents_cut_head_usage(run, val):
+    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    gated = run.policy.cfg.gated_layers
+    latents = {}
+    for l, sae in run.saes.items():
+        j = gated.index(l)
+        Z = _dense(sae, base.policy_inputs[:, j]).numpy()
+        # ablate (alpha = 0) the latents whose presence raises the keep logits most
+        latents[l] = top_k(rank_effect(weighted_effects(run.policy, j, sae, base.policy_inputs[:, j], Z), -1.0), 4)
+    steered = run_model(run.model, val.images, run.backbone, policy_input_fn=steer_fn(run.saes, Steering(latents, 0.0)))
+    assert steered.masks[:, gated].mean() < base.masks[:, gated].mean() - 0.02
+
+
+def test_class_direction_is_the_logit_gradient_through_the_final_norm(run, val):
+    """d logit_c / dh at the last residual points along gamma ⊙ w_c with the mean removed (up to the LN scale)."""
+    D = class_directions(run.vit)
+    assert np.abs(D.sum(1)).max() < 1e-4  # mean removed
+    torch.manual_seed(0)
+    h = torch.randn(4, run.vit.embed_dim, requires_grad=True)
+    logits = run.vit.head(run.vit.norm(h))
+    for c in range(3):
+        g, = torch.autograd.grad(logits[:, c].sum(), h, retain_graph=True)
+        cos = torch.nn.functional.cosine_similarity(g, torch.from_numpy(D[c])[None], dim=1)
+        assert float(cos.min()) > 0.8
+
+
+def test_rankings_on_known_inputs():
+    Z = np.array([[1.0, 0, 0], [2.0, 0, 1], [0, 3.0, 0], [0, 1.0, 0]])
+    labels = np.array([0, 0, 1, 1])
+    assert top_k(rank_contrast(Z, labels, [0]), 2) == [0, 2]
+    assert top_k(rank_contrast(Z, labels, [1]), 1) == [1]
+    W = np.eye(3)
+    assert top_k(rank_zero_shot(W, np.array([0.1, 0.0, 1.0])), 1) == [2]
+    effects = np.array([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])  # amplifying latent 0 lowers both heads' logits
+    assert top_k(rank_effect(effects, +1.0), 1) == [0]
+    assert top_k(rank_effect(effects, -1.0), 1) == [1]  # attenuating latent 1 lowers them
+    rng = np.random.default_rng(0)
+    assert set(random_latents(Z[:2], 2, rng)) == {0, 2}  # only latents that fire on these images
