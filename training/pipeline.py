@@ -10,9 +10,8 @@ import torch
 from steerprune.errors import UserError
 
 from .data import load_data
-from .model import BackboneConfig, GatedViT, build_vit
-from .policy import HeadPolicy
-from .run import load_run, load_weights, read_json, sae_paths, save_module, versions, write_json
+from .model import BackboneConfig
+from .run import load_run, read_json, sae_paths, save_module, versions, write_json
 from .sae import SAEConfig
 from .train import (TrainConfig, backbone_config_for, collect_policy_inputs, evaluate_backbone, evaluate_policy,
                     evaluate_sae, train_backbone, train_policy, train_sae)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -18,7 +18,6 @@ from .data import DataBundle, Split
 from .metrics import accuracy, binomial_ci, dead_fraction, fvu, head_usage_summary, l0
 from .model import PRESETS, BackboneConfig, GatedViT, PolicyInputFn, build_vit, load_checkpoint_into
 from .policy import HeadPolicy, PolicyConfig, usage_loss
-from .run import load_weights, read_json, sae_paths, save_module, versions, write_json
 from .sae import SAEConfig, TopKSAE
 
 __all__ = [

@@ -13,7 +13,7 @@ from steerprune.errors import UserError
 from steerprune.service.config import ServeConfig
 from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
 from steerprune.service.loadtest import LoadTestConfig, encode_png, parse_mix, plan_requests
-from steerprune.service.preprocess import BadImage, InputSpec, decode_image, normalize
+from steerprune.service.preprocess import BadImage, decode_image, normalize
 
 
 @pytest.fixture(scope="module")
