@@ -191,8 +191,8 @@ def plot_bench(result: dict, path: Path) -> Path:
     ax.set_xticks(range(len(vs)))
     ax.set_xticklabels([v["label"] for v in vs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("speedup vs full ONNX model (median)")
-    ax.set_title(f"{result['title']}: ONNX Runtime CPU, {result['machine']['threads']} threads "
-                 f"(black: FLOP bound; green removed, red masked, gray torch)", fontsize=9)
+    ax.set_title(f"{result['title']}: ONNX Runtime CPU, {result['machine']['threads']} threads\n"
+                 f"black: FLOP bound; green removed, red masked, gray PyTorch eager", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
