@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="initialise the backbone from this .safetensors / .pth state dict")
     p.add_argument("--resume", action="store_true", help="continue backbone training from RUN/checkpoints")
     p.add_argument("--seed", type=int)
+    p.add_argument("--val-fraction", type=float, help="share of train held out for validation (choices are made on it)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -48,7 +49,7 @@ def train_config_from_args(args):
     if args.model_name and args.preset is None:
         preset = "custom"
     overrides = {k: getattr(args, k) for k in (
-        "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "epochs", "batch_size", "lr", "amp",
+        "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr", "amp",
         "policy_epochs", "target_usage", "layer_targets", "temperature", "gated_layers", "finetune_backbone",
         "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
     return TrainConfig.for_preset(preset, **overrides)
