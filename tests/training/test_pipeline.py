@@ -28,7 +28,7 @@ def test_run_has_every_artifact_with_its_config(tiny_run):
     for key in ("backbone.test_acc", "policy.test_acc", "policy.head_usage", "sae.fvu", "sae.l0", "sae.dead_fraction"):
         section, field = key.split(".")
         assert isinstance(m[section][field], float), key
-    assert m["backbone"]["test_acc"] > 0.5  # 12 epochs on digits: far above the 0.1 of chance
+    assert m["backbone"]["test_acc"] > 0.5  # 25 epochs on digits: far above the 0.1 of chance
     assert 0.0 < m["policy"]["head_usage"] < 1.0
     assert len(m["policy"]["layer_head_usage"]) == 3 and len(m["policy"]["per_class"]) == 10
     assert set(m["sae"]["layers"]) == {"1", "2", "3"} and m["sae"]["reported_layer"] == 3
