@@ -90,7 +90,7 @@ def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, img_size: int
         train, test, names = _load_digits(seed)
         hflip = False
     elif kind == "cifar10":
-        train, test, names = _load_cifar(path, fine=True, coarse=False)
+        train, test, names = _load_cifar10(path)
     elif kind == "cifar100":
         train, test, names, groups = _load_cifar100(path)
     else:
@@ -187,7 +187,7 @@ def _class_names_json(path: Path, n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _load_cifar(path: Path, fine: bool, coarse: bool) -> tuple[Split, Split, list[str]]:
+def _load_cifar10(path: Path) -> tuple[Split, Split, list[str]]:
     if (path / "train.npz").exists():
         train, test = _load_npz(path, "train.npz"), _load_npz(path, "test.npz")
         n = int(max(train.labels.max(), test.labels.max())) + 1

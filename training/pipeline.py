@@ -10,11 +10,12 @@ import torch
 from steerprune.errors import UserError
 
 from .data import load_data
+from .metrics import accuracy
 from .model import BackboneConfig
 from .run import load_run, read_json, sae_paths, save_module, versions, write_json
 from .sae import SAEConfig
 from .train import (TrainConfig, backbone_config_for, collect_policy_inputs, evaluate_backbone, evaluate_policy,
-                    evaluate_sae, train_backbone, train_policy, train_sae)
+                    evaluate_sae, run_model, train_backbone, train_policy, train_sae)
 
 __all__ = ["STAGES", "run_training", "summary_table"]
 
@@ -66,9 +67,9 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
         for stale in run_dir.glob("sae_L*"):
             stale.unlink()  # SAEs read the policy-gated residual: retrain them
         metrics.pop("sae", None)
+        val_pred = run_model(model, data.val.images, run.backbone).logits.argmax(-1)
         metrics["policy"] = {**evaluate_policy(model, data.test, run.backbone), "config": asdict(model.policy.cfg),
-                             "val_acc": None}
-        metrics["policy"]["val_acc"] = evaluate_policy(model, data.val, run.backbone)["test_acc"]
+                             "val_acc": accuracy(val_pred, data.val.labels)}
         timings["policy"] = round(time.time() - t0, 1)
         write_json(run_dir / "metrics.json", metrics)
         run = load_run(run_dir, need=("policy",))

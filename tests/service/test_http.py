@@ -82,7 +82,7 @@ def test_probes_and_routes_listing(server, tiny_bundle):
 
 
 def test_answers_equal_offline_onnxruntime(server, offline, digits):
-    imgs, labels = digits.images[:30], digits.labels[:30]
+    imgs = digits.images[:30]
     x = normalize(imgs, offline.spec)
     hints = [None, "0", "7", "even", "3", "1"] * 5
     expect = offline.run(x, [h or FULL for h in hints])
