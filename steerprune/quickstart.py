@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.request
-import uuid
 from pathlib import Path
 
 __all__ = ["register", "run_quickstart"]
@@ -53,13 +52,10 @@ def _write_sample_image(run_dir: Path, path: Path) -> tuple[str, str]:
 
 
 def _post_image(url: str, image: Path, hint: str) -> dict:
-    boundary = uuid.uuid4().hex
-    body = b"".join([
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode(), image.read_bytes(), b"\r\n",
-        f'--{boundary}\r\nContent-Disposition: form-data; name="hint"\r\n\r\n{hint}\r\n--{boundary}--\r\n'.encode(),
-    ])
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    from steerprune.service.loadtest import multipart_body
+
+    body, content_type = multipart_body({"hint": hint}, image.read_bytes())
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 

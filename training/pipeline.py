@@ -87,6 +87,7 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
         for stale in run_dir.glob("sae_L*"):
             stale.unlink()
         per_layer = {}
+        base = run_model(run.model, data.test.images, run.backbone, keep_inputs=True)  # shared by every layer's splice check
         for layer in layers:
             cfg = SAEConfig(d_in=run.vit.embed_dim, layer=layer, expansion=tcfg.sae_expansion, k=tcfg.sae_k)
             sae = train_sae(inputs[:, gated.index(layer)], cfg, tcfg.sae_steps, tcfg.sae_lr, tcfg.sae_batch_size,
@@ -94,7 +95,7 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
             weights, config = sae_paths(run_dir, layer)
             save_module(sae, weights)
             sae.save_config(config)
-            per_layer[str(layer)] = evaluate_sae(run.model, sae, data.test, run.backbone, inputs[:, gated.index(layer)])
+            per_layer[str(layer)] = evaluate_sae(run.model, sae, data.test, run.backbone, inputs[:, gated.index(layer)], base)
             log(f"SAE L{layer}: FVU {per_layer[str(layer)]['fvu']:.4f} L0 {per_layer[str(layer)]['l0']:.1f} "
                 f"dead {per_layer[str(layer)]['dead_fraction']:.3f}")
         last = per_layer[str(max(layers))]

@@ -375,13 +375,15 @@ def train_sae(inputs: torch.Tensor, cfg: SAEConfig, steps: int, lr: float, batch
 
 @torch.no_grad()
 def evaluate_sae(model: GatedViT, sae: TopKSAE, split: Split, bcfg: BackboneConfig,
-                 train_inputs: Optional[torch.Tensor] = None) -> dict:
+                 train_inputs: Optional[torch.Tensor] = None, base: Optional[Forward] = None) -> dict:
     """FVU and L0 on the split's CLS vectors; dead fraction over the SAE's training vectors (a latent is dead if it
     never fires on its training distribution) and, separately, on the split; and the splice check: how often the
-    policy's head decisions and the class predictions stay the same when the policy reads the SAE reconstruction."""
+    policy's head decisions and the class predictions stay the same when the policy reads the SAE reconstruction.
+    `base` is the unspliced `run_model(..., keep_inputs=True)` of the split, shared when evaluating several SAEs."""
     layer = sae.cfg.layer
     j = model.policy.cfg.gated_layers.index(layer)
-    base = run_model(model, split.images, bcfg, keep_inputs=True)
+    if base is None:
+        base = run_model(model, split.images, bcfg, keep_inputs=True)
     x = torch.from_numpy(base.policy_inputs[:, j])
     out = sae(x)
 
