@@ -168,6 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--rate", type=float, default=0.0, help="pace all users to this many requests/s in total "
                                                              "(default 0: saturate)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sweep", action="store_true", help="send every test image once (shuffled) instead of drawing "
+                   "with replacement: for the accuracy check against the manifest")
     q.add_argument("--out", default="loadtest.json", help="JSON report path; the plot goes beside it as .png")
     q.set_defaults(func=_loadtest)
 
@@ -208,6 +210,6 @@ def _loadtest(args) -> int:
 
     cfg = LoadTestConfig(url=args.url, users=args.users, duration=args.duration, max_requests=args.max_requests,
                          mix=args.mix, images=args.images, bundle=args.bundle, server_pid=args.server_pid,
-                         rate=args.rate, seed=args.seed, out=args.out)
+                         rate=args.rate, seed=args.seed, sweep=args.sweep, out=args.out)
     report = run_loadtest(cfg, log=print)
     return 0 if report["errors"] == 0 else 1

@@ -9,6 +9,7 @@ answers for the same requests (every server answer must equal them).
 """
 from __future__ import annotations
 
+import gc
 import http.client
 import io
 import json
@@ -24,8 +25,8 @@ import numpy as np
 
 from steerprune.errors import UserError
 
-__all__ = ["LoadTestConfig", "run_loadtest", "load_images", "encode_png", "multipart_body", "plan_requests",
-           "parse_mix", "LOCAL_HOSTS", "server_cpu_seconds", "find_server_pid"]
+__all__ = ["LoadTestConfig", "Planned", "Sample", "run_loadtest", "load_images", "encode_png", "multipart_body",
+           "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "find_server_pid"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 KINDS = ("right", "wrong", "none")
@@ -54,6 +55,9 @@ class LoadTestConfig:
     rate: float = 0.0
     """Total requests per second to pace at (0: as fast as the server answers: saturation)."""
     seed: int = 0
+    sweep: bool = False
+    """Send every test image exactly once (shuffled; bounded by duration and max_requests) instead of drawing images
+    with replacement: the accuracy check against the manifest then sees the same images the export measured."""
     out: Optional[str] = "loadtest.json"
     """JSON report path (the PNG plot goes beside it); None writes nothing."""
 
@@ -164,14 +168,17 @@ class Planned(NamedTuple):
 
 
 def plan_requests(n: int, labels: np.ndarray, routes: dict[str, list[int]], mix: dict[str, float],
-                  seed: int) -> list[Planned]:
-    """A seeded request stream: images drawn uniformly, hints by `mix` (a 'right' hint is a route holding the label)."""
+                  seed: int, sweep: bool = False) -> list[Planned]:
+    """A seeded request stream: images drawn uniformly (or, with sweep, each image once in a shuffled order, at most
+    n), hints by `mix` (a 'right' hint is a route holding the label)."""
     rng = np.random.default_rng(seed)
+    if sweep:
+        n = min(n, len(labels))
     names = sorted(routes)
     holds = {c: [r for r in names if c in routes[r]] for c in set(labels.tolist())}
     lacks = {c: [r for r in names if c not in routes[r]] for c in set(labels.tolist())}
     kinds = rng.choice(len(KINDS), size=n, p=[mix[k] for k in KINDS])
-    idx = rng.integers(0, len(labels), size=n)
+    idx = rng.permutation(len(labels))[:n] if sweep else rng.integers(0, len(labels), size=n)
     plan = []
     for i, k in zip(idx, kinds):
         kind, c = KINDS[k], int(labels[i])
@@ -321,7 +328,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
     routes = {n: r["class_indices"] for n, r in listing["routes"].items()}
     images, labels, source = load_images(cfg.images, listing.get("data_spec"), classes)
     mix = parse_mix(cfg.mix)
-    plan = plan_requests(cfg.max_requests, labels, routes, mix, cfg.seed)
+    plan = plan_requests(cfg.max_requests, labels, routes, mix, cfg.seed, cfg.sweep)
     pngs = [encode_png(im) for im in images]
     cache: dict = {}
 
@@ -348,6 +355,8 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         idle_cpu_per_s = (server_cpu_seconds(pid) - c0) / (time.perf_counter() - w0)
     cpu0 = server_cpu_seconds(pid) if pid else None
     samples: list[Sample] = []
+    gc.collect()
+    gc.freeze()  # the generator's own full collections would otherwise show up as server latency
     stop = threading.Event()
     t0 = time.perf_counter()
     deadline = t0 + cfg.duration
@@ -365,6 +374,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
             t.join(5)
     wall = time.perf_counter() - t0
     cpu1 = server_cpu_seconds(pid) if pid else None
+    gc.unfreeze()
 
     ok = [s for s in samples if s.status == 200]
     errors = [s for s in samples if s.status != 200]
@@ -388,6 +398,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         report["accuracy"] = round(float(np.mean(correct)), 4)
         report["accuracy_by_kind"] = {k: _rate([c for s, c in zip(ok, correct) if plan[s.planned].kind == k])
                                       for k in KINDS}
+        report["right_hint_vs_manifest"] = route_accuracy_check(ok, correct, plan, listing["routes"])
     if cpu0 is not None and ok:
         report["server_cpu_s"] = round(cpu1 - cpu0, 3)
         report["server_cpu_ms_per_request"] = round((cpu1 - cpu0) / len(samples) * 1000, 3)
@@ -408,6 +419,16 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
                                "answers_differing_from_offline": len(mism)}
         if ok:
             report["accuracy_minus_full_points"] = round((report["accuracy"] - np.mean(full_correct)) * 100, 2)
+            # the same answers computed in-process at batch 32: each request's model, plus the full model on fallback
+            ms = {m.split("/")[-1]: v["ms_per_image_b32"] for m, v in base["models"].items()}
+            full_ms = ms[Path(listing["full"]["model"]).name]
+            routed_ms = {r: ms[Path(v["model"]).name] for r, v in listing["routes"].items()}
+            busy_ms = sum(routed_ms.get(s.answer["route"], full_ms) + (full_ms if s.answer["fallback"] else 0.0)
+                          for s in ok)
+            inproc_rps = len(ok) / (busy_ms / 1000) if busy_ms else None
+            report["inprocess"]["throughput_rps_same_requests_b32"] = round(inproc_rps, 1) if inproc_rps else None
+            report["server_share_of_inprocess_throughput"] = (round(report["throughput_rps"] / inproc_rps, 3)
+                                                              if inproc_rps else None)
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +437,27 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         out.write_text(json.dumps(report, indent=2, default=_jsonable))
     log(_summary(report))
     return report
+
+
+def route_accuracy_check(ok: list["Sample"], correct: list[bool], plan: list[Planned], listed: dict) -> Optional[dict]:
+    """Served accuracy of right-hint requests per route beside the manifest's route accuracy (the steering report's
+    test figure): with every test image sent once (sweep) and trust mode they should agree to rounding.
+    The difference is weighted by each route's served requests."""
+    per: dict = {}
+    for s, c in zip(ok, correct):
+        p = plan[s.planned]
+        if p.kind == "right":
+            per.setdefault(p.hint, []).append(c)
+    rows = {r: {"n": len(cs), "served_acc": round(float(np.mean(cs)), 4), "manifest_acc": listed[r].get("acc")}
+            for r, cs in sorted(per.items()) if r in listed}
+    known = {r: v for r, v in rows.items() if v["manifest_acc"] is not None}
+    if not known:
+        return None
+    n = sum(v["n"] for v in known.values())
+    served = sum(v["served_acc"] * v["n"] for v in known.values()) / n
+    manifest = sum(v["manifest_acc"] * v["n"] for v in known.values()) / n
+    return {"requests": n, "served_acc": round(served, 4), "manifest_acc": round(manifest, 4),
+            "difference_points": round(100 * (served - manifest), 2), "by_route": rows}
 
 
 def _manifest_input(bundle: str) -> dict:
@@ -448,6 +490,10 @@ def _summary(r: dict) -> str:
     if "accuracy" in r:
         lines.append(f"accuracy {r['accuracy']:.4f} (by hint kind {r['accuracy_by_kind']}), fallback rate "
                      f"{r['fallback_rate']:.3f}")
+    if r.get("right_hint_vs_manifest"):
+        c = r["right_hint_vs_manifest"]
+        lines.append(f"right hints: served accuracy {c['served_acc']:.4f} vs manifest route accuracy "
+                     f"{c['manifest_acc']:.4f} ({c['difference_points']:+.2f} points, {c['requests']} requests)")
     if "server_cpu_ms_per_request" in r:
         lines.append(f"server CPU {r['server_cpu_ms_per_request']} ms per request "
                      f"({r['server_cpu_ms_per_request_net_of_idle']} net of {r['server_idle_cpu_ms_per_s']} ms/s idle)")
@@ -455,6 +501,9 @@ def _summary(r: dict) -> str:
         ip = r["inprocess"]
         lines.append("in-process ONNX Runtime ms/image (batch 1 / 32): " + ", ".join(
             f"{m.split('/')[-1]} {v['ms_per_image_b1']}/{v['ms_per_image_b32']}" for m, v in ip["models"].items()))
+        if r.get("server_share_of_inprocess_throughput") is not None:
+            lines.append(f"in-process ONNX Runtime would answer the same requests at {ip['throughput_rps_same_requests_b32']} "
+                         f"req/s (batch 32): the server reached {100 * r['server_share_of_inprocess_throughput']:.0f}%")
         lines.append(f"full model accuracy on the same requests {ip['full_model_accuracy_same_requests']}; "
                      f"answers differing from offline ONNX Runtime: {ip['answers_differing_from_offline']}")
     if r.get("plot"):

@@ -42,11 +42,12 @@ def steer_run(run_dir: str | Path, strategy: str = "per-class", groups_path: Opt
         f"{len(data.val)} val images choose, {len(data.test)} test images report")
 
     val = ValData(data.val.images, data.val.labels)
-    plans = plan_routes(run, val, routes, cfg, log=log)
+    shared: dict = {}  # strategy-independent forwards, computed once for both plannings
+    plans = plan_routes(run, val, routes, cfg, log=log, shared=shared)
     rows = evaluate_plans(run, plans, data.test, cfg, log=log)
     label_free = None
     if cfg.compare_label_free and strategy == "per-class":
-        lf_plans = plan_routes(run, val, routes, cfg, strategy="zero-shot", log=log)
+        lf_plans = plan_routes(run, val, routes, cfg, strategy="zero-shot", log=log, shared=shared)
         label_free = evaluate_plans(run, lf_plans, data.test, cfg, log=log)
     zero_shot = self_reference(run, data.val, data.test, data.class_names, layers, cfg.ref_ks)
     summary = summarize(rows, label_free)

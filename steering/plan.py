@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ class SteerConfig:
     """Vote fractions the no-SAE control may raise to."""
     ref_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     """k of precision@k / Jaccard@k between label-free and label-based latent sets."""
+    zero_shot_pool: int = 16
+    """Label-free ranking: 0 ranks latents by cosine to the class direction alone; N > 0 keeps the N most aligned
+    latents and orders them by their effect on the policy's keep logits over the val images the model itself
+    assigns to the route (its predictions: still no labels). On digits val, 16 (twice the largest k) raised the
+    label-free share of the label-based usage cut from 59% to 79%."""
     compare_label_free: bool = True
     """With strategy per-class, also plan zero-shot routes and report how much of the usage cut they recover."""
     max_off_route: int = 2000
@@ -69,6 +75,8 @@ class SteerConfig:
             raise UserError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
         if not 0.0 < self.tau <= 1.0:
             raise UserError(f"tau must be in (0, 1], got {self.tau}")
+        if self.zero_shot_pool < 0:
+            raise UserError(f"zero_shot_pool must be >= 0, got {self.zero_shot_pool}")
         if not self.ks or min(self.ks) < 1:
             raise UserError(f"ks must be positive integers, got {self.ks}")
         if not self.alphas or min(self.alphas) < 0:
@@ -151,6 +159,7 @@ class _Chooser:
         self.labels = val.labels
         self.val = val
         self.usage = base.masks[:, gated].mean(axis=(1, 2))  # (N,) per-image head usage
+        self.predictions = base.logits.argmax(-1)  # (N,) the policy-gated model's own classes (label-free)
         self.directions = class_directions(run.vit)
         self.gated = gated
         self._effects: dict = {}
@@ -159,18 +168,31 @@ class _Chooser:
     def scores(self, route: Route, layer: int, sign: float) -> np.ndarray:
         Z = self.stats.latents[layer]
         if self.strategy == "zero-shot":
-            return rank_zero_shot(self.W_dec[layer], route_direction(self.directions, route.classes))
+            cos = rank_zero_shot(self.W_dec[layer], route_direction(self.directions, route.classes))
+            if not self.cfg.zero_shot_pool:
+                return cos
+            pool = top_k(cos, self.cfg.zero_shot_pool)
+            out = np.full(len(cos), -np.inf)
+            out[pool] = rank_effect(self.effects(route, layer, predicted=True), sign)[pool]
+            return out
         if self.strategy == "global":
             return rank_effect(self.effects(None, layer), sign) if self.cfg.rank == "effect" else rank_usage(Z, self.usage)
         if self.cfg.rank == "effect":
             return rank_effect(self.effects(route, layer), sign)
         return rank_contrast(Z, self.labels, route.classes)
 
-    def effects(self, route: Optional[Route], layer: int) -> np.ndarray:
-        """(m, H) first-order effect of each latent on the keep logits over the route's val images (all if None)."""
-        key = (None if route is None else tuple(route.classes), layer)
+    def effects(self, route: Optional[Route], layer: int, predicted: bool = False) -> np.ndarray:
+        """(m, H) first-order effect of each latent on the keep logits over the route's val images (all if None);
+        predicted: the images the model predicts as the route's classes instead of its labelled ones."""
+        key = (None if route is None else tuple(route.classes), layer, predicted)
         if key not in self._effects:
-            idx = slice(None) if route is None else self.val.route(route.classes)
+            if route is None:
+                idx = slice(None)
+            elif predicted:
+                idx = np.flatnonzero(np.isin(self.predictions, route.classes))
+                idx = idx if len(idx) else slice(None)  # a class the model never predicts: every image
+            else:
+                idx = self.val.route(route.classes)
             self._effects[key] = weighted_effects(self.run.policy, self.gated.index(layer), self.run.saes[layer],
                                                   self.stats.inputs[layer][idx], self.stats.latents[layer][idx])
         return self._effects[key]
@@ -194,17 +216,24 @@ def _steered_mask(run, val: ValData, idx: np.ndarray, steering: Steering, cfg: S
 
 
 def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strategy: Optional[str] = None,
-                log=print) -> list[RoutePlan]:
-    """Choose latents, k and alpha per route (or once, for 'global') on val, and derive every static mask."""
+                log=print, shared: Optional[dict] = None) -> list[RoutePlan]:
+    """Choose latents, k and alpha per route (or once, for 'global') on val, and derive every static mask.
+
+    shared: a dict reused across calls on the same run and val split (e.g. label-based then label-free planning):
+    it keeps the unsteered forward, the threshold control's forwards and the mask accuracies, which do not depend
+    on the strategy."""
+    shared = {} if shared is None else shared
     strategy = strategy or cfg.strategy
     gated = run.policy.cfg.gated_layers
     layers = sorted(cfg.layers) if cfg.layers is not None else sorted(l for l in run.saes if l in gated)
     bad = [l for l in layers if l not in run.saes or l not in gated]
     if bad or not layers:
         raise UserError(f"cannot steer layers {bad or layers}: SAEs exist at {sorted(run.saes)}, gated layers are {gated}")
-    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    if "base" not in shared:
+        shared["base"] = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+        shared["evals"] = MaskEval(run.model, val.images, val.labels, run.backbone)
+    base, evals = shared["base"], shared["evals"]
     chooser = _Chooser(run, val, cfg, layers, strategy, base)
-    evals = MaskEval(run.model, val.images, val.labels, run.backbone)
     route_idx = {r.name: val.route(r.classes) for r in routes}
     for r in routes:
         if len(route_idx[r.name]) == 0:
@@ -215,7 +244,10 @@ def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strate
 
     # every candidate (k, alpha) for every route, evaluated on the route's val images
     cands: dict[str, list[Candidate]] = {}
-    for r in routes:
+    t0 = time.perf_counter()
+    for ri, r in enumerate(routes):
+        if ri:  # big splits take minutes: say how far along it is
+            log(f"  {strategy}: {ri}/{len(routes)} routes' candidates tried ({time.perf_counter() - t0:.0f} s)")
         idx = route_idx[r.name]
         cands[r.name] = [Candidate(0, 1.0, {}, baseline[r.name], head_usage(baseline[r.name], gated), base_acc[r.name])]
         for k in cfg.ks:
@@ -236,7 +268,9 @@ def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strate
     else:
         chosen = {r.name: select_candidate(cands[r.name], base_acc[r.name], cfg.eps) for r in routes}
 
-    decisions = threshold_candidates(run.model, val, run.backbone, cfg.thresholds)
+    if "decisions" not in shared:
+        shared["decisions"] = threshold_candidates(run.model, val, run.backbone, cfg.thresholds)
+    decisions = shared["decisions"]
     plans = []
     for ri, r in enumerate(routes):
         idx, c = route_idx[r.name], chosen[r.name]

@@ -222,6 +222,24 @@ def test_concurrent_clients_get_their_own_answers(server, offline, digits):
     assert batches and sums and float(sums[0].split()[-1]) >= n
 
 
+def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
+    from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+
+    out = tmp_path / "lt.json"
+    report = run_loadtest(LoadTestConfig(url=server.url, users=4, duration=30, max_requests=120, sweep=True,
+                                         mix="right=0.5,wrong=0.25,none=0.25", bundle=str(tiny_bundle),
+                                         out=str(out)), log=lambda *_: None)
+    assert report["errors"] == 0 and report["requests"] == report["ok"] == 120  # sweep: 120 distinct images
+    assert report["inprocess"]["answers_differing_from_offline"] == 0
+    assert set(report["latency_by_kind"]) == {"right", "wrong", "none"}
+    assert 0 < report["server_share_of_inprocess_throughput"] < 10
+    assert report["server_cpu_ms_per_request"] > 0
+    assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
+    assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert healthy(server.url)
+
+
 def test_metrics_count_routes_fallbacks_and_wrong_hints(server, digits):
     png = encode_png(digits.images[np.flatnonzero(digits.labels == 2)[0]])
     classify(server.url, png, hint="0")

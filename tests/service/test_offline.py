@@ -12,7 +12,8 @@ import pytest
 from steerprune.errors import UserError
 from steerprune.service.config import ServeConfig
 from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
-from steerprune.service.loadtest import LoadTestConfig, encode_png, parse_mix, plan_requests
+from steerprune.service.loadtest import (LoadTestConfig, Planned, Sample, encode_png, parse_mix, plan_requests,
+                                         route_accuracy_check)
 from steerprune.service.preprocess import BadImage, decode_image, normalize
 
 
@@ -216,3 +217,25 @@ def test_plan_requests_gives_right_and_wrong_hints():
     kinds = [p.kind for p in plan]
     assert 0.25 < kinds.count("wrong") / len(plan) < 0.35
     assert encode_png(np.zeros((8, 8, 1), np.uint8))[:4] == b"\x89PNG"
+
+
+def test_plan_requests_sweep_sends_each_image_once():
+    labels = np.arange(50) % 5
+    routes = {str(c): [c] for c in range(5)}
+    plan = plan_requests(10_000, labels, routes, parse_mix("right=1"), seed=3, sweep=True)
+    assert sorted(p.image for p in plan) == list(range(50))  # every image once, capped at the image count
+    assert [p.image for p in plan] != list(range(50))  # shuffled
+    assert all(p.hint == str(labels[p.image]) for p in plan)
+    assert len(plan_requests(20, labels, routes, parse_mix("right=1"), seed=3, sweep=True)) == 20
+
+
+def test_route_accuracy_check_weights_routes_by_requests():
+    plan = [Planned(0, "right", "a"), Planned(1, "right", "a"), Planned(2, "right", "b"), Planned(3, "none", None)]
+    ok = [Sample(0.0, 0.01, 200, i, {}) for i in range(4)]
+    check = route_accuracy_check(ok, [True, False, True, False], plan, {"a": {"acc": 0.5}, "b": {"acc": 0.9}})
+    assert check["requests"] == 3
+    assert check["by_route"]["a"] == {"n": 2, "served_acc": 0.5, "manifest_acc": 0.5}
+    assert check["served_acc"] == pytest.approx(2 / 3, abs=1e-4)
+    assert check["manifest_acc"] == pytest.approx((0.5 * 2 + 0.9) / 3, abs=1e-4)
+    assert check["difference_points"] == pytest.approx(100 * (2 / 3 - 1.9 / 3), abs=0.01)
+    assert route_accuracy_check(ok, [True] * 4, plan, {"a": {"acc": None}, "b": {"acc": None}}) is None

@@ -144,3 +144,38 @@ def test_rankings_on_known_inputs():
     assert top_k(rank_effect(effects, -1.0), 1) == [1]  # attenuating latent 1 lowers them
     rng = np.random.default_rng(0)
     assert set(random_latents(Z[:2], 2, rng)) == {0, 2}  # only latents that fire on these images
+
+
+def test_label_free_ranking_reads_no_labels_and_stays_in_the_aligned_pool(run, val):
+    from steerprune.steering.masks import ValData
+    from steerprune.steering.plan import Route, SteerConfig, _Chooser
+
+    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    layers = sorted(run.saes)
+    cfg = SteerConfig(strategy="zero-shot", zero_shot_pool=6)
+    route = Route("3", [3])
+    shuffled = np.random.default_rng(0).permutation(val.labels)  # labels that mean nothing
+    picks = [_Chooser(run, ValData(val.images, y), cfg, layers, "zero-shot", base).latents(route, 3, 0.0)
+             for y in (val.labels, shuffled)]
+    assert picks[0] == picks[1]
+    direction = class_directions(run.vit)[3]
+    for l in layers:
+        aligned = top_k(rank_zero_shot(run.saes[l].W_dec.detach().numpy(), direction), 6)
+        assert len(picks[0][l]) == 3 and set(picks[0][l]) <= set(aligned)
+    cosine_only = _Chooser(run, val, SteerConfig(strategy="zero-shot", zero_shot_pool=0), layers, "zero-shot", base)
+    assert cosine_only.latents(route, 3, 0.0) == {l: top_k(rank_zero_shot(run.saes[l].W_dec.detach().numpy(), direction), 3)
+                                                 for l in layers}
+
+
+def test_mask_eval_on_a_subset_equals_the_full_set_rows(run, val):
+    from steerprune.steering.masks import MaskEval
+
+    mask = np.ones((run.model.depth, run.model.num_heads), np.int64)
+    mask[-1, :4] = 0
+    idx = np.flatnonzero(val.labels == 4)
+    sub = MaskEval(run.model, val.images, val.labels, run.backbone)
+    sub_preds = sub.preds(mask, idx)  # forwards only images[idx]
+    assert not sub._preds and len(sub._subset_preds) == 1
+    full = MaskEval(run.model, val.images, val.labels, run.backbone)
+    np.testing.assert_array_equal(sub_preds, full.preds(mask)[idx])
+    assert sub.acc(mask, idx) == full.acc(mask, idx) == float((full.preds(mask)[idx] == 4).mean())

@@ -1,0 +1,96 @@
+"""Service vs in-process throughput on a DeiT-S-sized bundle: the service issue's "≥ 80% of in-process throughput
+for DeiT-S-sized models".
+
+    python benchmarks/service_deit_small.py --out benchmarks/results/loadtest_deit_small.json
+
+In --work (default runs/deit_small_service) it builds a 10-class image folder (CIFAR-10 test images when
+--cifar10 exists, random images otherwise), a timm `deit_small_patch16_224` backbone at 224 px with untrained
+weights (`steerprune train --stage backbone --epochs 0`: speed does not depend on the weights), two route masks
+(classes 0-4 keep 2 of 6 heads in every block, classes 5-9 keep 4), exports the bundle, serves it in trust mode
+(an untrained model is never confident, so verify mode would rerun every request on the full model) and
+load-tests it with right hints and no hints. The report (JSON + plot) is `steerprune loadtest`'s, whose
+`server_share_of_inprocess_throughput` is the figure: served requests/s over the requests/s ONNX Runtime reaches
+in-process on the same requests at batch 32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _steerprune(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "steerprune.cli", *args], check=True, cwd=ROOT)
+
+
+def _image_folder(root: Path, cifar10: Path, per_class_train: int, per_class_test: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if (cifar10 / "test.npz").is_file():
+        with np.load(cifar10 / "test.npz") as z:
+            images, labels = z["images"], z["labels"]
+    else:
+        labels = np.repeat(np.arange(10), per_class_train + per_class_test)
+        images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)[:per_class_train + per_class_test]
+        for split, part in (("train", idx[:per_class_train]), ("test", idx[per_class_train:])):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                Image.fromarray(images[i]).save(d / f"{i}.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="runs/deit_small_service")
+    ap.add_argument("--cifar10", default="../shared/data/cifar10")
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--out", default="benchmarks/results/loadtest_deit_small.json")
+    args = ap.parse_args()
+
+    from steerprune.service.cli import start_server, stop_server
+    from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+
+    work = (ROOT / args.work).resolve()
+    folder, run, bundle = work / "images", work / "run", work / "bundle"
+    if not (folder / "test").is_dir():
+        _image_folder(folder, (ROOT / args.cifar10).resolve(), per_class_train=10, per_class_test=20)
+    if not (run / "backbone.safetensors").is_file():
+        _steerprune("train", str(run), "--data", f"imagefolder:{folder}", "--preset", "custom", "--model",
+                    "deit_small_patch16_224", "--img-size", "224", "--epochs", "0", "--stage", "backbone")
+    depth, heads = 12, 6
+    keep = lambda n: [[1] * n + [0] * (heads - n) for _ in range(depth)]  # noqa: E731
+    masks = {f"class{c}": {"classes": [c], "mask": keep(2 if c < 5 else 4)} for c in range(10)}
+    (work / "masks.json").write_text(json.dumps(masks))
+    if not (bundle / "manifest.json").is_file():
+        _steerprune("export", str(run), "--out", str(bundle), "--masks", str(work / "masks.json"))
+
+    port = _free_port()
+    proc = start_server(bundle, port=port, hint_mode="trust", timeout=300)
+    try:
+        report = run_loadtest(LoadTestConfig(url=f"http://127.0.0.1:{port}", users=args.users, duration=args.duration,
+                                             mix="right=0.8,none=0.2", images=str(folder / "test"), bundle=str(bundle),
+                                             server_pid=proc.pid, out=str(ROOT / args.out)))
+    finally:
+        stop_server(proc)
+    return 0 if report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
