@@ -239,3 +239,23 @@ def test_route_accuracy_check_weights_routes_by_requests():
     assert check["manifest_acc"] == pytest.approx((0.5 * 2 + 0.9) / 3, abs=1e-4)
     assert check["difference_points"] == pytest.approx(100 * (2 / 3 - 1.9 / 3), abs=0.01)
     assert route_accuracy_check(ok, [True] * 4, plan, {"a": {"acc": None}, "b": {"acc": None}}) is None
+
+
+@pytest.mark.parametrize("raw,expect", [
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-type: application/json\r\n\r\n{\"a\":1}",
+     (200, b'{"a":1}', False)),
+    (b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+     (400, b"abcde", True)),
+])
+def test_loadtest_reads_http_responses(raw, expect):
+    import asyncio
+
+    from steerprune.service.loadtest import _read_response
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await _read_response(reader)
+
+    assert asyncio.run(read()) == expect
