@@ -8,7 +8,9 @@ reads changes (GatedViT's `policy_input_fn`). alpha = 1 gives x' = x + 0 = x bit
 Strategies rank latents per layer:
 - contrast (label-based): mean activation on the route's classes minus mean activation on every other class (val).
 - zero-shot (label-free, "self-reference"): cosine between a latent's decoder row and the class direction, class c's
-  classifier row carried back through the final LayerNorm (gamma ⊙ w_c, mean removed).
+  classifier row carried back through the final LayerNorm (gamma ⊙ w_c, mean removed). By default the planner
+  (plan.py, `zero_shot_pool`) keeps the 16 best aligned and orders them by `effect` over the images the model
+  predicts as the class, which still reads no label.
 - effect: how far amplifying the latent moves the keep logits toward dropping heads on the route's images:
   −Σ_h E_route[z_i J(x) W_dec[i]], J the Jacobian of the policy's LayerNorm + Linear at each image.
 - usage (global): correlation of the latent's activation with low per-image head usage.
