@@ -164,6 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "(default: the bundle's digits test split when it was trained on digits)")
     q.add_argument("--bundle", help="bundle directory, for the in-process ONNX Runtime baseline "
                                     "(default: ask the server's /routes; needed for the baseline)")
+    q.add_argument("--inprocess-threads", type=int, default=0, help="ONNX Runtime threads of the in-process "
+                   "baseline (0: its default; match the server's for a fair comparison)")
     q.add_argument("--server-pid", type=int, help="server process for CPU accounting (default: found by port)")
     q.add_argument("--rate", type=float, default=0.0, help="pace all users to this many requests/s in total "
                                                              "(default 0: saturate)")
@@ -210,6 +212,7 @@ def _loadtest(args) -> int:
 
     cfg = LoadTestConfig(url=args.url, users=args.users, duration=args.duration, max_requests=args.max_requests,
                          mix=args.mix, images=args.images, bundle=args.bundle, server_pid=args.server_pid,
+                         inprocess_threads=args.inprocess_threads,
                          rate=args.rate, seed=args.seed, sweep=args.sweep, out=args.out)
     report = run_loadtest(cfg, log=print)
     return 0 if report["errors"] == 0 else 1

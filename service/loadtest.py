@@ -52,6 +52,9 @@ class LoadTestConfig:
     """NPZ (images uint8 NHWC + labels) or class-folder directory; default: digits test split for digits bundles."""
     bundle: Optional[str] = None
     """Bundle directory for the in-process ONNX Runtime baseline and offline answers (skipped without it)."""
+    inprocess_threads: int = 0
+    """ONNX Runtime threads of the in-process baseline (0: its default); give it what the server has (e.g. 1 when
+    the server is pinned to one core) for a fair throughput share."""
     server_pid: Optional[int] = None
     """Server process for CPU accounting (default: the process listening on the URL's port)."""
     rate: float = 0.0
@@ -75,6 +78,8 @@ class LoadTestConfig:
             raise UserError(f"duration must be in (0, 600] seconds, got {self.duration}")
         if not 1 <= self.max_requests <= 1_000_000:
             raise UserError(f"max_requests must be from 1 to 1,000,000, got {self.max_requests}")
+        if self.inprocess_threads < 0:
+            raise UserError("inprocess_threads must be >= 0")
         if self.rate < 0:
             raise UserError("rate must be >= 0")
         parse_mix(self.mix)
@@ -337,12 +342,13 @@ def _get_json(host: str, port: int, path: str) -> tuple[int, dict]:
 
 
 def inprocess_baseline(bundle: str, x: np.ndarray, plan: list[Planned], routes: dict, threads: int = 0,
-                       seconds: float = 1.5) -> dict:
-    """Offline answers for the plan (what the server must return) and each model's ONNX Runtime ms per image."""
+                       seconds: float = 1.5, hint_mode: str = "verify", min_prob: float = 0.7) -> dict:
+    """Offline answers for the plan (what the server must return, in its hint mode) and each model's ONNX Runtime
+    ms per image."""
     from .config import ServeConfig
     from .engine import FULL, Engine
 
-    eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads))
+    eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads, hint_mode=hint_mode, min_prob=min_prob))
     per_model = {}
     for model in eng.sessions:
         row = {}
@@ -447,7 +453,8 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         spec = InputSpec.from_manifest(_manifest_input(cfg.bundle))
         x = np.stack([decode_image(p, spec, 1 << 30) for p in pngs])  # the server's decode of the same bytes
         used = max((s.planned for s in samples), default=-1) + 1
-        base = inprocess_baseline(cfg.bundle, x, plan[:used], routes)
+        base = inprocess_baseline(cfg.bundle, x, plan[:used], routes, threads=cfg.inprocess_threads,
+                                  hint_mode=listing.get("hint_mode", "verify"), min_prob=listing.get("min_prob", 0.7))
         full_correct = [int(base["full_pred"][plan[s.planned].image]) == int(labels[plan[s.planned].image]) for s in ok]
         mism = [s.planned for s in ok if s.answer["index"] != int(base["answers"][s.planned].probs.argmax())
                 or s.answer["fallback"] != base["answers"][s.planned].fallback]

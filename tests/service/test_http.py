@@ -293,6 +293,13 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
         a = classify(url, two, hint="7").json()
         assert a["route"] == "7" and a["fallback"] is False  # trust mode returns the routed answer
         assert classify(url, two, hint="giraffe").json()["route"] == "full"  # unknown_hint=full
+        from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+
+        # wrong hints are answered by the routed model here: the offline answers must follow the server's mode
+        rep = run_loadtest(LoadTestConfig(url=url, users=2, duration=30, max_requests=40, mix="wrong=1",
+                                          bundle=str(tiny_bundle), inprocess_threads=1, out=None), log=lambda *_: None)
+        assert rep["errors"] == 0 and rep["fallback_rate"] == 0.0
+        assert rep["inprocess"]["answers_differing_from_offline"] == 0 and rep["inprocess"]["threads"] == 1
     finally:
         stop_server(proc)
         log.close()
