@@ -49,6 +49,9 @@ class ServeConfig:
     """Largest accepted image (width x height, checked from the header before decoding: decompression bombs)."""
     verify: bool = True
     """Re-check sha256 and stored-sample parity of every model at start-up (export's verify_bundle)."""
+    switch_interval_ms: float = 0.5
+    """Python's GIL switch interval in the worker once ready (default 5 ms): the event loop parsing uploads and the
+    thread running ONNX Runtime hand the GIL back and forth, and each hand-off can hold a request that long."""
 
     def __post_init__(self):
         choices = {"device": ("auto", "cpu", "cuda"), "hint_mode": ("verify", "trust"),
@@ -63,6 +66,8 @@ class ServeConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_batch_size < 2:
             raise UserError("max_batch_size must be at least 2")
+        if not 0.01 <= self.switch_interval_ms <= 100:
+            raise UserError(f"switch_interval_ms must be in [0.01, 100], got {self.switch_interval_ms}")
         if self.threads < 0 or self.warmup_rounds < 0:
             raise UserError("threads and warmup_rounds must be >= 0")
 

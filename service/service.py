@@ -110,13 +110,11 @@ class SteerPrune:
         except Exception:  # noqa: BLE001 - stays unready; the log says why
             log.exception("!!! warm-up failed: not ready")
             return
-        # Everything loaded so far (BentoML, Starlette, ONNX Runtime, the bundle) lives as long as the worker: moved
-        # out of the collector's generations, it no longer makes each full collection a 100+ ms stall under load.
+        # Everything loaded so far (BentoML, Starlette, ONNX Runtime, the bundle) lives as long as the worker: frozen,
+        # the collector stops walking it on every full collection under load.
         gc.collect()
         gc.freeze()
-        # The event loop (parsing uploads) and the batch thread (ONNX Runtime) hand the GIL back and forth; at the
-        # default 5 ms switch interval each hand-off can stall a request by up to 5 ms under concurrent load.
-        sys.setswitchinterval(float(os.environ.get(ENV_PREFIX + "SWITCH_INTERVAL", "0.0005")))
+        sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
         log.info("warm-up done in %.2f s; ready", self.warmup_seconds)
         self.ready = True
 

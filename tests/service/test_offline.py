@@ -187,6 +187,9 @@ def test_serve_config_env_round_trip_and_validation(tmp_path):
         ServeConfig(bundle="x", hint_mode="maybe")
     with pytest.raises(UserError, match="STEERPRUNE_MIN_PROB"):
         ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_MIN_PROB": "high"})
+    with pytest.raises(UserError, match="switch_interval_ms"):
+        ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "0"})
+    assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "2"}).switch_interval_ms == 2.0
 
 
 def test_loadtest_is_local_and_bounded():
