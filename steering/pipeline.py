@@ -12,7 +12,7 @@ from steerprune.training.run import load_run, versions, write_json
 
 from .masks import ValData
 from .plan import SteerConfig, load_groups, make_routes, plan_routes
-from .report import evaluate_plans, self_reference, summarize, targets, write_markdown, write_plots
+from .report import evaluate_plans, self_reference, forwards_on_test, summarize, targets, write_markdown, write_plots
 
 __all__ = ["steer_run"]
 
@@ -44,12 +44,14 @@ def steer_run(run_dir: str | Path, strategy: str = "per-class", groups_path: Opt
     val = ValData(data.val.images, data.val.labels)
     shared: dict = {}  # strategy-independent forwards, computed once for both plannings
     plans = plan_routes(run, val, routes, cfg, log=log, shared=shared)
-    rows = evaluate_plans(run, plans, data.test, cfg, log=log)
+    forwards = forwards_on_test(run, data.test)  # kept apart from `shared`: the planner never sees test data
+    rows = evaluate_plans(run, plans, data.test, cfg, log=log, forwards=forwards)
     label_free = None
     if cfg.compare_label_free and strategy == "per-class":
         lf_plans = plan_routes(run, val, routes, cfg, strategy="zero-shot", log=log, shared=shared)
-        label_free = evaluate_plans(run, lf_plans, data.test, cfg, log=log)
-    zero_shot = self_reference(run, data.val, data.test, data.class_names, layers, cfg.ref_ks)
+        label_free = evaluate_plans(run, lf_plans, data.test, cfg, log=log, forwards=forwards)
+    zero_shot = self_reference(run, data.val, data.test, data.class_names, layers, cfg.ref_ks,
+                               val_forward=shared["base"], test_forward=forwards["dynamic"])
     summary = summarize(rows, label_free)
     summary["zero_shot"] = {k: zero_shot[k] for k in ("precision_at_k", "random_precision", "jaccard_at_k",
                                                       "zero_shot_classifier_acc", "reported_layer")}

@@ -20,7 +20,7 @@ from .masks import MaskEval, head_usage, kept_heads, kept_heads_text
 from .plan import RoutePlan, SteerConfig
 from .steer import class_directions, encode_layers, rank_contrast, rank_zero_shot, top_k
 
-__all__ = ["mcnemar_p", "evaluate_plans", "self_reference", "summarize", "targets", "write_markdown", "write_plots"]
+__all__ = ["mcnemar_p", "forwards_on_test", "evaluate_plans", "self_reference", "summarize", "targets", "write_markdown", "write_plots"]
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -40,13 +40,22 @@ def _row(ev: MaskEval, mask: np.ndarray, on: np.ndarray, off: np.ndarray, gated:
             "flops_rel": head_flops(vit, np.asarray(mask))["rel"], "kept_heads": kept_heads(mask, gated)}
 
 
-def evaluate_plans(run, plans: list[RoutePlan], test: Split, cfg: SteerConfig, log=print) -> list[dict]:
-    """Per route on test: full model, dynamic policy, unsteered static mask, steered mask, random and threshold
-    controls; route accuracy (route's classes), off-route accuracy (every other class), usage, kept heads, FLOPs."""
-    gated = run.policy.cfg.gated_layers
+def forwards_on_test(run, test: Split) -> dict:
+    """The plan-independent test forwards: full-model predictions and the unsteered dynamic policy (with the
+    residuals it read, for the self-reference section). Computed once per report, shared by its evaluations."""
     depth, H = run.model.depth, run.model.num_heads
-    full = run_model(run.model, test.images, run.backbone, head_mask=torch.ones(depth, H)).logits.argmax(-1)
-    dyn = run_model(run.model, test.images, run.backbone)
+    return {"full_pred": run_model(run.model, test.images, run.backbone, head_mask=torch.ones(depth, H)).logits.argmax(-1),
+            "dynamic": run_model(run.model, test.images, run.backbone, keep_inputs=True)}
+
+
+def evaluate_plans(run, plans: list[RoutePlan], test: Split, cfg: SteerConfig, log=print,
+                   forwards: Optional[dict] = None) -> list[dict]:
+    """Per route on test: full model, dynamic policy, unsteered static mask, steered mask, random and threshold
+    controls; route accuracy (route's classes), off-route accuracy (every other class), usage, kept heads, FLOPs.
+    forwards: `forwards_on_test(run, test)`, when the caller already has them."""
+    gated = run.policy.cfg.gated_layers
+    forwards = forwards or forwards_on_test(run, test)
+    full, dyn = forwards["full_pred"], forwards["dynamic"]
     dyn_pred = dyn.logits.argmax(-1)
     rng = np.random.default_rng(cfg.seed)
     rows = []
@@ -82,16 +91,18 @@ def evaluate_plans(run, plans: list[RoutePlan], test: Split, cfg: SteerConfig, l
 
 # ---------------------------------------------------------------------------------------------- self-reference
 
-def self_reference(run, val: Split, test: Split, class_names: list[str], layers: list[int], ks: list[int]) -> dict:
+def self_reference(run, val: Split, test: Split, class_names: list[str], layers: list[int], ks: list[int],
+                   val_forward=None, test_forward=None) -> dict:
     """Label-free vs label-based latent sets per layer and class, class-direction alignment, zero-shot classifier.
 
     The label-free set of class c: latents whose decoder row is most aligned with c's direction (no labels).
-    The label-based set: latents that fire most on c's val images relative to other classes."""
+    The label-based set: latents that fire most on c's val images relative to other classes.
+    val_forward / test_forward: the unsteered forwards with their policy inputs (keep_inputs=True), if computed."""
     gated = run.policy.cfg.gated_layers
     D = class_directions(run.vit)  # (C, D)
     Dn = D / np.linalg.norm(D, axis=1, keepdims=True).clip(1e-12)
-    fv = run_model(run.model, val.images, run.backbone, keep_inputs=True)
-    ft = run_model(run.model, test.images, run.backbone, keep_inputs=True)
+    fv = val_forward if val_forward is not None else run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    ft = test_forward if test_forward is not None else run_model(run.model, test.images, run.backbone, keep_inputs=True)
     sv = encode_layers(run.saes, fv.policy_inputs, gated, layers)
     st = encode_layers(run.saes, ft.policy_inputs, gated, layers)
     out = {}
