@@ -10,12 +10,17 @@ weights (`steerprune train --stage backbone --epochs 0`: speed does not depend o
 (an untrained model is never confident, so verify mode would rerun every request on the full model) and
 load-tests it with right hints and no hints. The report (JSON + plot) is `steerprune loadtest`'s, whose
 `server_share_of_inprocess_throughput` is the figure: served requests/s over the requests/s ONNX Runtime reaches
-in-process on the same requests at batch 32.
+in-process on the same requests (each model at its faster batch size).
+
+With two or more cores (Linux), the README's protocol: the server runs on core 0 with 1 ONNX Runtime thread, the load
+generator and the in-process baseline on core 1 with 1 thread, so the two sides neither share nor steal CPU and the
+baseline gets exactly what the server has. `--no-pin` leaves both on every core with ONNX Runtime's default threads.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -62,7 +67,10 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--out", default="benchmarks/results/loadtest_deit_small.json")
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server and generator to cores")
     args = ap.parse_args()
+    pin = args.pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+    cores = sorted(os.sched_getaffinity(0)) if pin else []
 
     from steerprune.service.cli import start_server, stop_server
     from steerprune.service.loadtest import LoadTestConfig, run_loadtest
@@ -82,13 +90,22 @@ def main() -> int:
         _steerprune("export", str(run), "--out", str(bundle), "--masks", str(work / "masks.json"))
 
     port = _free_port()
-    proc = start_server(bundle, port=port, hint_mode="trust", timeout=300)
+    if pin:
+        os.sched_setaffinity(0, {cores[0]})  # the server and its workers inherit core 0
+    proc = start_server(bundle, port=port, hint_mode="trust", timeout=300, **({"threads": 1} if pin else {}))
     try:
+        if pin:
+            os.sched_setaffinity(0, {cores[1]})  # generator and in-process baseline: core 1
         report = run_loadtest(LoadTestConfig(url=f"http://127.0.0.1:{port}", users=args.users, duration=args.duration,
                                              mix="right=0.8,none=0.2", images=str(folder / "test"), bundle=str(bundle),
-                                             server_pid=proc.pid, out=str(ROOT / args.out)))
+                                             server_pid=proc.pid, inprocess_threads=1 if pin else 0,
+                                             out=str(ROOT / args.out)))
     finally:
         stop_server(proc)
+    out = ROOT / args.out  # record the core placement beside the figures
+    saved = json.loads(out.read_text())
+    saved["pinning"] = {"server_core": cores[0], "generator_core": cores[1], "threads": 1} if pin else None
+    out.write_text(json.dumps(saved, indent=2))
     return 0 if report["errors"] == 0 else 1
 
 

@@ -56,6 +56,9 @@ class TrainConfig:
     """Train the backbone jointly with the policy (at lr/10) instead of freezing it (AdaViT trains jointly;
     on digits the frozen backbone lost 6 points at usage 0.5, the jointly tuned one 1-2)."""
     target_usage: float = 0.5
+    distill_weight: float = 0.0
+    """Weight of a KL term pulling the gated model's class distribution toward the full backbone's as it was before
+    policy training (a frozen teacher, as DynamicViT distils); 0 is AdaViT's loss (cross-entropy + usage terms)."""
     layer_targets: Optional[list[float]] = None
     temperature: float = 5.0
     usage_weight: float = 2.0
@@ -74,6 +77,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp not in ("none", "bf16"):
             raise UserError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.distill_weight < 0:
+            raise UserError(f"distill_weight must be >= 0, got {self.distill_weight}")
         for name in ("batch_size", "epochs", "policy_epochs", "sae_steps", "sae_batch_size", "sae_aug_passes"):
             if getattr(self, name) < 0 or (name.endswith("size") and getattr(self, name) == 0):
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -81,8 +86,11 @@ class TrainConfig:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> "TrainConfig":
         if preset == "cifar":
-            base = dict(batch_size=128, epochs=20, lr=1e-3, warmup_epochs=2, crop_pad=4, amp="bf16",
-                        policy_epochs=3, policy_lr=2e-3, sae_aug_passes=1, sae_steps=4000, sae_expansion=4, sae_k=16)
+            # 20 epochs left the backbone at 0.749 test with val still rising; 24 is ~13 min more on 2 cores.
+            # Distillation from the untuned backbone: policy val accuracy after 3 epochs 0.714 without, 0.725 with.
+            base = dict(batch_size=128, epochs=24, lr=1e-3, warmup_epochs=2, crop_pad=4, amp="bf16",
+                        finetune_backbone=True, policy_epochs=3, policy_lr=2e-3, distill_weight=1.0,
+                        sae_aug_passes=1, sae_steps=4000, sae_expansion=4, sae_k=16)
         elif preset == "digits":
             # ~14 validation images per class at 0.1 made steering choices noisy; 0.2 gives ~29
             base = dict(epochs=150, finetune_backbone=True, policy_epochs=40, val_fraction=0.2)
@@ -262,6 +270,10 @@ def make_policy(tcfg: TrainConfig, vit: nn.Module) -> HeadPolicy:
 def train_policy(vit: nn.Module, data: DataBundle, tcfg: TrainConfig, bcfg: BackboneConfig, log=print) -> GatedViT:
     torch.manual_seed(tcfg.seed + 1)
     policy = make_policy(tcfg, vit)
+    teacher = None
+    if tcfg.distill_weight > 0:
+        teacher = build_vit(bcfg).eval().requires_grad_(False)
+        teacher.load_state_dict(vit.state_dict())  # a frozen copy of the backbone before any joint tuning
     model = GatedViT(vit, policy)
     params = [{"params": policy.parameters(), "lr": tcfg.policy_lr}]
     if tcfg.finetune_backbone:
@@ -290,6 +302,11 @@ def train_policy(vit: nn.Module, data: DataBundle, tcfg: TrainConfig, bcfg: Back
                 out = model(xb)
             m = out.masks[:, gated].float()  # (B, G, H)
             loss = F.cross_entropy(out.logits.float(), y_train[idx]) + usage_loss(m, policy.cfg)
+            if teacher is not None:
+                with torch.no_grad(), _autocast(tcfg.amp):
+                    target = teacher(xb).float().softmax(-1)  # (B, C)
+                loss = loss + tcfg.distill_weight * F.kl_div(out.logits.float().log_softmax(-1), target,
+                                                             reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -103,3 +103,34 @@ def test_retraining_the_backbone_drops_stale_policy_and_saes(tmp_path, tiny_run)
     run_training(tmp_path / "r", "digits", tiny_train_config(epochs=1), stage="backbone", log=lambda *_: None)
     assert not (tmp_path / "r" / "policy.json").exists() and not list((tmp_path / "r").glob("sae_L*"))
     assert np.isfinite(json.loads((tmp_path / "r" / "metrics.json").read_text())["backbone"]["test_acc"])
+
+
+def test_distillation_pulls_the_gated_model_toward_the_untuned_backbone(tiny_run):
+    from steerprune.training.model import build_vit
+    from steerprune.training.train import train_policy, to_tensor
+
+    from ..conftest import tiny_train_config
+
+    run = load_run(tiny_run, need=("backbone",))
+    data = run.load_data()
+    x_val = to_tensor(data.val.images, run.backbone)
+    with torch.no_grad():
+        teacher = run.vit.eval()(x_val).log_softmax(-1)
+    kl = {}
+    for weight in (0.0, 5.0):
+        vit = build_vit(run.backbone)
+        vit.load_state_dict(run.vit.state_dict())
+        model = train_policy(vit, data, tiny_train_config(policy_epochs=3, distill_weight=weight), run.backbone,
+                             log=lambda *_: None)
+        with torch.no_grad():
+            student = model(x_val).logits.log_softmax(-1)
+        kl[weight] = float(torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean"))
+    assert kl[5.0] < 0.8 * kl[0.0], kl
+
+
+def test_negative_distill_weight_is_refused():
+    from steerprune.errors import UserError
+    from steerprune.training.train import TrainConfig
+
+    with pytest.raises(UserError, match="distill_weight"):
+        TrainConfig(distill_weight=-1.0)
