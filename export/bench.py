@@ -12,6 +12,7 @@ so no two share threads or caches), with the rounds interleaved so machine drift
 Per variant and batch size: warm-up, then >= `runs` timed calls; median, p10, p90 (ms per batch and per image).
 Speedup is full median / variant median at the same batch size, reported next to the FLOP bound 1 / flops_rel.
 `--synthetic deit_small` does the same on a random-weight DeiT-S (224 px, 12 x 6 heads) with fixed masks.
+`--device cuda` times on ONNX Runtime's CUDA provider (and PyTorch on the GPU), host arrays in and out per call.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import numpy as np
 
 from steerprune.errors import UserError
 
-from .manifest import INPUT_NAME, OUTPUT_NAME, load_manifest, model_paths, ort_session
+from .manifest import (CUDA_PROVIDER, INPUT_NAME, OUTPUT_NAME, gpu_visible, load_manifest, model_paths, ort_providers,
+                       ort_session)
 
 __all__ = ["run_bench", "run_synthetic", "time_variants", "plot_bench", "SYNTHETIC"]
 
@@ -43,10 +45,10 @@ SYNTHETIC = {"deit_small": ("deit_small_patch16_224", (4, 2, 0)),
 
 def _worker(spec: dict) -> dict:
     """Runs in a child process: time one variant at each batch size, return the per-call times in ms."""
-    threads, shape = spec["threads"], spec["shape"]  # shape (C, S, S)
+    threads, shape, device = spec["threads"], spec["shape"], spec.get("device", "cpu")  # shape (C, S, S)
     gen = np.random.default_rng(0)
-    if spec["kind"] == "onnx":
-        sess = ort_session(spec["path"], threads=threads)
+    if spec["kind"] == "onnx":  # host in, host out: the copies to and from a GPU are part of every call
+        sess = ort_session(spec["path"], threads=threads, device=device)
 
         def call(x):
             sess.run([OUTPUT_NAME], {INPUT_NAME: x})
@@ -63,10 +65,11 @@ def _worker(spec: dict) -> dict:
             import timm
 
             model = timm.create_model(spec["path"], pretrained=False).eval()
+        model.to(device)
 
-        def call(x):
+        def call(x):  # .cpu() waits for the GPU and copies back, as ONNX Runtime does
             with torch.inference_mode():
-                model(torch.from_numpy(x))
+                model(torch.from_numpy(x).to(device)).cpu()
     out = {}
     for b in spec["batches"]:
         x = gen.standard_normal((b, *shape)).astype(np.float32)
@@ -104,7 +107,8 @@ def _stats(times: Sequence[float], batch: int) -> dict:
 
 
 def time_variants(variants: list[dict], shape: Sequence[int], threads: int = 2, batches: Sequence[int] = (1, 8),
-                  runs: int = 50, rounds: int = 3, warmup_s: float = 0.5, log=print) -> list[dict]:
+                  runs: int = 50, rounds: int = 3, warmup_s: float = 0.5, device: str = "cpu",
+                  log=print) -> list[dict]:
     """Time every variant ({name, kind, path, ...}) in its own process per round, rounds interleaved.
 
     Each round gives ceil(runs / rounds) calls per variant and batch size; the statistics pool all rounds. The order
@@ -116,7 +120,7 @@ def time_variants(variants: list[dict], shape: Sequence[int], threads: int = 2, 
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             spec = {"kind": v["kind"], "path": str(v["path"]), "threads": threads, "shape": list(shape),
-                    "batches": list(batches), "runs": per_round, "warmup_s": warmup_s}
+                    "batches": list(batches), "runs": per_round, "warmup_s": warmup_s, "device": device}
             got = _spawn(spec)
             for b, ts in got.items():
                 times[v["name"]][b].extend(ts)
@@ -156,13 +160,33 @@ def _summary(results: list[dict], batch: str) -> dict:
     }
 
 
-def _machine(threads: int) -> dict:
+def _machine(threads: int, device: str = "cpu") -> dict:
     import onnxruntime as ort
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": threads, "onnxruntime": ort.__version__,
-            "provider": "CPUExecutionProvider", "python": platform.python_version(),
-            "load_avg_1m_start": _loadavg()}  # other work on the machine while measuring: see load_avg_1m_end
+    provider = "CPUExecutionProvider" if device == "cpu" else f"{CUDA_PROVIDER[0]} {json.dumps(CUDA_PROVIDER[1])}"
+    out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "threads": threads, "onnxruntime": ort.__version__, "provider": provider,
+           "python": platform.python_version(),
+           "load_avg_1m_start": _loadavg()}  # other work on the machine while measuring: see load_avg_1m_end
+    if device == "cuda":
+        out["gpu"] = _gpu_name()
+    return out
+
+
+def _gpu_name() -> str | None:
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        return p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine cannot time on, before anything is exported or spawned."""
+    ort_providers(device)  # UserError for an unknown device or an onnxruntime without CUDA
+    if device == "cuda" and not gpu_visible():
+        raise UserError("--device cuda: no NVIDIA GPU is visible on this machine")
 
 
 def plot_bench(result: dict, path: Path) -> Path:
@@ -191,7 +215,9 @@ def plot_bench(result: dict, path: Path) -> Path:
     ax.set_xticks(range(len(vs)))
     ax.set_xticklabels([v["label"] for v in vs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("speedup vs full ONNX model (median)")
-    ax.set_title(f"{result['title']}: ONNX Runtime CPU, {result['machine']['threads']} threads\n"
+    where = (f"CUDA, {result['machine'].get('gpu') or 'GPU'}" if result["machine"]["provider"].startswith("CUDA")
+             else f"CPU, {result['machine']['threads']} threads")
+    ax.set_title(f"{result['title']}: ONNX Runtime {where}\n"
                  f"black: FLOP bound; green removed, red masked, gray PyTorch eager", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -246,8 +272,9 @@ def _export_masked_peers(run_dir: Path, masks: dict[str, list], tmp: Path, chans
 
 def run_bench(bundle_dir, out_path=None, threads: int = 2, batches: Sequence[int] = (1, 8), runs: int = 50,
               rounds: int = 3, torch_peers: bool = True, masked_peers: bool = True, warmup_s: float = 0.5,
-              log=print) -> dict:
-    """Benchmark a bundle's models (and peers) and write JSON + PNG; returns the result dict."""
+              device: str = "cpu", log=print) -> dict:
+    """Benchmark a bundle's models (and peers) on `device` and write JSON + PNG; returns the result dict."""
+    _check_device(device)
     bundle_dir = Path(bundle_dir).expanduser()
     m = load_manifest(bundle_dir)
     out_path = Path(out_path) if out_path else bundle_dir / "bench" / "bench.json"
@@ -282,11 +309,11 @@ def run_bench(bundle_dir, out_path=None, threads: int = 2, batches: Sequence[int
                 variants.append({"name": "torch-eager:full", "kind": "torch-run", "path": run_dir, "role": "torch",
                                  "model": None, "routes": [], "flops_rel": 1.0, "head_usage": 1.0,
                                  "label": "full (PyTorch eager)"})
-        log(f"benchmarking {len(variants)} variants, batches {list(batches)}, {threads} threads, "
+        log(f"benchmarking {len(variants)} variants on {device}, batches {list(batches)}, {threads} threads, "
             f">= {runs} runs each over {rounds} interleaved rounds, one process per variant per round")
-        results = time_variants(variants, shape, threads, batches, runs, rounds, warmup_s, log=log)
+        results = time_variants(variants, shape, threads, batches, runs, rounds, warmup_s, device=device, log=log)
     result = {"title": f"bundle {bundle_dir.name}", "bundle": str(bundle_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": _machine(threads), "batches": list(batches), "runs": runs, "rounds": rounds,
+              "machine": _machine(threads, device), "batches": list(batches), "runs": runs, "rounds": rounds,
               "method": "one process per variant per round, rounds interleaved with rotating order; warm-up "
                         f"{warmup_s}s then timed calls; median/p10/p90 over all rounds",
               "variants": results, "notes": notes}
@@ -294,10 +321,11 @@ def run_bench(bundle_dir, out_path=None, threads: int = 2, batches: Sequence[int
 
 
 def run_synthetic(name: str, out_path, threads: int = 2, batches: Sequence[int] = (1, 8), runs: int = 50,
-                  rounds: int = 2, warmup_s: float = 0.5, log=print) -> dict:
+                  rounds: int = 2, warmup_s: float = 0.5, device: str = "cpu", log=print) -> dict:
     """Random-weight timm model (e.g. DeiT-S) with the same kept-head count in every layer: removed vs masked."""
     if name not in SYNTHETIC:
         raise UserError(f"unknown synthetic model {name!r}: use one of {', '.join(SYNTHETIC)}")
+    _check_device(device)
     import timm
     import torch
 
@@ -333,10 +361,11 @@ def run_synthetic(name: str, out_path, threads: int = 2, batches: Sequence[int] 
                          "head_usage": k / H, "label": f"masked {k}/{H} heads"})
         variants.append({"name": "torch-eager:full", "kind": "torch-timm", "path": timm_name, "role": "torch",
                          "flops_rel": 1.0, "head_usage": 1.0, "label": "full (PyTorch eager)"})
-        log(f"benchmarking {len(variants)} variants of {timm_name}, batches {list(batches)}, {threads} threads")
-        results = time_variants(variants, shape, threads, batches, runs, rounds, warmup_s, log=log)
+        log(f"benchmarking {len(variants)} variants of {timm_name} on {device}, batches {list(batches)}, "
+            f"{threads} threads")
+        results = time_variants(variants, shape, threads, batches, runs, rounds, warmup_s, device=device, log=log)
     result = {"title": f"synthetic {timm_name}", "synthetic": timm_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": _machine(threads), "batches": list(batches), "runs": runs, "rounds": rounds,
+              "machine": _machine(threads, device), "batches": list(batches), "runs": runs, "rounds": rounds,
               "method": "one process per variant per round, rounds interleaved with rotating order",
               "variants": results, "notes": notes}
     return _finish(result, Path(out_path), log)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,7 +23,7 @@ from steerprune.errors import UserError
 
 __all__ = [
     "SCHEMA_VERSION", "INPUT_NAME", "OUTPUT_NAME", "MANIFEST", "SAMPLES_FILE", "VERIFY_TOL", "BundleError",
-    "sha256_file", "ort_session", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
+    "sha256_file", "CUDA_PROVIDER", "gpu_visible", "ort_providers", "preload_cuda_libs", "ort_session", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
     "model_paths",
 ]
 
@@ -54,8 +56,56 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session; `threads` fixes intra-op threads (inter-op 1) so timings say what they used."""
+# use_tf32 0: CUDA's default TF32 matmuls moved logits by 2e-3 on an H200 (20x the bundle's parity tolerance); the
+# bundle's accuracies were measured in float32, so the GPU must compute what was verified.
+# cudnn_conv_algo_search HEURISTIC: the default (EXHAUSTIVE) benchmarks every cuDNN algorithm for the patch-embedding
+# Conv at each new input shape, and a batching server sees a new batch size per model all the time
+# (microsoft/onnxruntime#709, #19838). Not yet measured here: see README, "GPU".
+CUDA_PROVIDER = ("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"})
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU this process could use (onnxruntime-gpu lists CUDA even without one, so ask the system)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def ort_providers(device: str = "cpu") -> list[str]:
+    """Execution providers for `device` ('cpu' | 'cuda'). For CUDA, first preload CUDA/cuDNN from pip wheels
+    (nvidia-*) when onnxruntime can, and say plainly when this onnxruntime has no CUDA provider at all."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider: install onnxruntime-gpu "
+                        "(and not onnxruntime beside it)")
+    preload_cuda_libs()
+    return [CUDA_PROVIDER, "CPUExecutionProvider"]
+
+
+def preload_cuda_libs(log=None) -> None:
+    """Let onnxruntime-gpu find CUDA/cuDNN installed as pip wheels (nvidia-*, e.g. beside a CUDA torch).
+    Failure is only logged: whoever asked for CUDA checks which provider each session really got."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001
+            if log:
+                log(f"onnxruntime.preload_dlls failed: {e}")
+
+
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None, device: str | None = None):
+    """An ONNX Runtime session; `threads` fixes intra-op threads (inter-op 1) so timings say what they used.
+
+    With `device='cuda'` the session must really run on CUDA: onnxruntime-gpu logs an error and silently falls
+    back to the CPU when CUDA cannot start, so that is refused here with the reason.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -63,7 +113,13 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    if device:
+        providers = ort_providers(device)
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise UserError(f"CUDA was requested but {Path(path).name} runs on {sess.get_providers()}: "
+                        "check the GPU driver, CUDA 13 and cuDNN 9")
+    return sess
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -7,8 +7,6 @@ one session here; a batch is split by session, not by route, so such routes also
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -16,6 +14,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from steerprune.errors import UserError
+
+from steerprune.export.manifest import gpu_visible
 
 from .config import ServeConfig
 from .preprocess import InputSpec
@@ -52,13 +52,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def gpu_visible() -> bool:
-    """An NVIDIA GPU this process could use (onnxruntime-gpu lists CUDA even without one, so ask the system)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 
 class Engine:
@@ -112,12 +105,10 @@ class Engine:
             opts.intra_op_num_threads = self.cfg.threads
         providers = ["CPUExecutionProvider"]
         if self.requested_cuda:
-            if hasattr(ort, "preload_dlls"):
-                try:  # finds CUDA/cuDNN from pip wheels (nvidia-*) when they are installed
-                    ort.preload_dlls()
-                except Exception as e:  # noqa: BLE001 - the provider check below reports the outcome
-                    log.warning("onnxruntime.preload_dlls failed: %s", e)
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            from steerprune.export.manifest import CUDA_PROVIDER, preload_cuda_libs
+
+            preload_cuda_libs(log=log.warning)  # the provider check in __init__ reports the outcome
+            providers = [CUDA_PROVIDER, "CPUExecutionProvider"]
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
     # ------------------------------------------------------------------------------------------ routing

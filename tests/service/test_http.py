@@ -315,3 +315,31 @@ def test_cuda_requested_without_cuda_never_becomes_ready(tiny_bundle, tmp_path):
         start_server(tiny_bundle, port=free_port(), timeout=12, log_path=tmp_path / "server.log",
                      env=server_env(tmp_path), device="cuda", verify=False)
     assert "CUDA was requested" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.gpu
+def test_cuda_server_answers_like_the_cpu_engine(tiny_bundle, offline, digits, tmp_path):
+    from steerprune.service.engine import gpu_visible
+
+    if not gpu_visible():
+        pytest.skip("no NVIDIA GPU visible")
+    proc = start_server(tiny_bundle, port=free_port(), timeout=180, log_path=tmp_path / "server.log",
+                        env=server_env(tmp_path), device="cuda", verify=False)
+    try:
+        body = requests.get(proc.url + "/routes", timeout=5).json()
+        assert body["device"] == "cuda" and body["ready"] is True
+        assert all(s["providers"][0] == "CUDAExecutionProvider" for s in body["sessions"].values())
+        imgs = digits.images[:12]
+        hints = [None, "0", "7", "even"] * 3
+        expect = offline.run(normalize(imgs, offline.spec), [h or FULL for h in hints])
+        for i, h in enumerate(hints):
+            r = classify(proc.url, encode_png(imgs[i]), **({"hint": h} if h else {}), top_k="10")
+            assert r.status_code == 200, r.text
+            a, e = r.json(), expect[i]
+            assert a["route"] == (h or "full") and a["model"] == e.model and a["fallback"] == e.fallback
+            got = np.zeros(10, np.float32)
+            for s in a["scores"]:
+                got[s["index"]] = s["prob"]
+            np.testing.assert_allclose(got, e.probs, atol=1e-4)  # CUDA kernels differ from the CPU's in the last bits
+    finally:
+        stop_server(proc)
