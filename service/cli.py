@@ -147,6 +147,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batcher", choices=["greedy", "bentoml"], default="greedy")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before an unanswered request gets 504")
+    p.add_argument("--gc-gen2-threshold", type=int, default=1000,
+                   help="Python's third GC threshold in the worker (Python's default 10; see README, Service)")
+    p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
+                   help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--startup-timeout", type=float, default=180.0)
@@ -180,7 +185,9 @@ def _serve(args) -> int:
     bundle = _check_bundle(args.bundle)
     config = dict(device=args.device, hint_mode=args.hint_mode, min_prob=args.min_prob,
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
-                  threads=args.threads, workers=args.workers, access_log=args.access_log)
+                  threads=args.threads, workers=args.workers, access_log=args.access_log,
+                  pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
+                  gc_gen2_threshold=args.gc_gen2_threshold)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -20,7 +20,7 @@ from steerprune.export.manifest import gpu_visible
 from .config import ServeConfig
 from .preprocess import InputSpec
 
-__all__ = ["FULL", "Route", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax"]
+__all__ = ["FULL", "Route", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax", "warm_sizes"]
 
 log = logging.getLogger("steerprune.service")
 
@@ -92,6 +92,8 @@ class Engine:
         for p in self.problems:
             log.error("!!! %s", p)
         self.device = "cuda" if self.requested_cuda and not self.problems else "cpu"
+        self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda")
+        self.warm_sizes = warm_sizes(cfg.max_batch_size)
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
             f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
 
@@ -129,8 +131,17 @@ class Engine:
     # ------------------------------------------------------------------------------------------ inference
 
     def logits(self, model: str, x: np.ndarray) -> np.ndarray:
-        """Raw model run: x (N, C, S, S) float32 -> logits (N, num_classes)."""
-        return self.sessions[model].run([self.output_name], {self.input_name: x})[0]
+        """Raw model run: x (N, C, S, S) float32 -> logits (N, num_classes).
+
+        With padding on, x is first filled up with zero images to the next warmed batch size and the extra rows
+        are dropped from the answer (images never interact in a ViT, so the real rows are unchanged).
+        """
+        n = x.shape[0]
+        if self.pad:
+            size = next((b for b in self.warm_sizes if b >= n), n)
+            if size > n:
+                x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])  # (size, C, S, S)
+        return self.sessions[model].run([self.output_name], {self.input_name: x})[0][:n]
 
     def run(self, x: np.ndarray, routes: Sequence[str]) -> list[Result]:
         """Answer a batch: x (N, C, S, S), one route per row; the results keep the input order."""
@@ -167,11 +178,10 @@ class Engine:
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
         """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken."""
         t0 = time.perf_counter()
-        sizes = sorted({min(1 << k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
         s = self.spec.img_size
         c = 1 if self.spec.color_mode == "L" else 3
         for model in self.sessions:
-            for b in sizes:
+            for b in warm_sizes(max_batch_size):
                 x = np.zeros((b, c, s, s), np.float32)
                 for _ in range(rounds):
                     self.logits(model, x)
@@ -198,6 +208,8 @@ class Engine:
             "sessions": {m: {"routes": sorted(n for n, r in self.routes.items() if r.model == m),
                              "providers": self.providers[m]} for m in self.sessions},
             "device": self.device,
+            "pad_batches": self.pad,
+            "warm_batch_sizes": self.warm_sizes,
             "data_spec": _data_spec(self.manifest),
         }
 
@@ -209,6 +221,11 @@ def _data_spec(manifest: dict):
         if isinstance(d, dict) and isinstance(d.get("data_spec"), str):
             return d["data_spec"]
     return run.get("data") if isinstance(run.get("data"), str) else None
+
+
+def warm_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes warm-up runs: powers of two up to max_batch_size, and max_batch_size itself."""
+    return sorted({min(1 << k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
 
 
 def _cuda_built() -> bool:

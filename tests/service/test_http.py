@@ -79,6 +79,7 @@ def test_probes_and_routes_listing(server, tiny_bundle):
     assert sorted(body["sessions"][m["routes"]["0"]["model"]]["routes"]) == ["0", "1"]
     assert body["routes"]["3"]["model"] == body["full"]["model"]
     assert body["device"] == "cpu" and body["hint_mode"] == "verify"
+    assert body["gc_threshold"][2] == 1000 and body["pad_batches"] is False  # set once warm; no padding on the CPU
 
 
 def test_answers_equal_offline_onnxruntime(server, offline, digits):

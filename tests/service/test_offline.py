@@ -187,6 +187,12 @@ def test_serve_config_env_round_trip_and_validation(tmp_path):
         ServeConfig(bundle="x", hint_mode="maybe")
     with pytest.raises(UserError, match="STEERPRUNE_MIN_PROB"):
         ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_MIN_PROB": "high"})
+    with pytest.raises(UserError, match="gc_gen2_threshold"):
+        ServeConfig(bundle="x", gc_gen2_threshold=0)
+    with pytest.raises(UserError, match="request_timeout_s"):
+        ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_REQUEST_TIMEOUT_S": "0"})
+    with pytest.raises(UserError, match="pad_batches"):
+        ServeConfig(bundle="x", pad_batches="sometimes")
     with pytest.raises(UserError, match="switch_interval_ms"):
         ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "0"})
     assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "2"}).switch_interval_ms == 2.0
@@ -262,3 +268,33 @@ def test_loadtest_reads_http_responses(raw, expect):
         return await _read_response(reader)
 
     assert asyncio.run(read()) == expect
+
+
+def test_padding_to_warmed_batch_sizes_keeps_every_answer(tiny_bundle, digits_test):
+    plain = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, pad_batches="off", max_batch_size=8))
+    padded = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, pad_batches="on", max_batch_size=8))
+    assert not plain.pad and padded.pad and padded.warm_sizes == [1, 2, 4, 8]
+    assert not Engine(ServeConfig(bundle=str(tiny_bundle), verify=False)).pad  # auto: off on the CPU
+    seen: list[int] = []
+
+    class Recording:  # what batch sizes the ONNX Runtime session really gets
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feeds):
+            seen.append(next(iter(feeds.values())).shape[0])
+            return self.sess.run(names, feeds)
+
+    padded.sessions = {m: Recording(s) for m, s in padded.sessions.items()}
+    x = normalize(digits_test.images[:12], padded.spec)
+    model = padded.routes["7"].model
+    for n in (1, 3, 5, 7, 8, 12):
+        got = padded.logits(model, x[:n])
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, plain.logits(model, x[:n]), atol=1e-5)
+    assert seen == [1, 4, 8, 8, 8, 12]  # 12 is past the largest warmed size: run as it is
+    hints = ["7", "0", None, "even", "3", "7", "1"]
+    routes = [h or FULL for h in hints]
+    for a, b in zip(padded.run(x[:7], routes), plain.run(x[:7], routes)):
+        assert (a.route, a.model, a.fallback) == (b.route, b.model, b.fallback)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
