@@ -28,7 +28,7 @@ import numpy as np
 from steerprune.errors import UserError
 
 __all__ = ["LoadTestConfig", "Planned", "Sample", "run_loadtest", "load_images", "encode_png", "multipart_body",
-           "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "find_server_pid"]
+           "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "server_rss_mb", "find_server_pid"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 KINDS = ("right", "wrong", "none")
@@ -215,6 +215,20 @@ def find_server_pid(port: int) -> Optional[int]:
         if not parents & pids:
             return pid
     return None
+
+
+def server_rss_mb(pid: int) -> float:
+    """Resident memory (MiB) of a process and all its descendants."""
+    import psutil
+
+    total = 0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
 
 
 def server_cpu_seconds(pid: int) -> float:
@@ -408,6 +422,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         time.sleep(2.0)
         idle_cpu_per_s = (server_cpu_seconds(pid) - c0) / (time.perf_counter() - w0)
     cpu0 = server_cpu_seconds(pid) if pid else None
+    rss0 = server_rss_mb(pid) if pid else None
     samples: list[Sample] = []
     gc.collect()
     gc.freeze()  # the generator's own full collections would otherwise show up as server latency
@@ -418,6 +433,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         pass  # report what was measured so far
     wall = time.perf_counter() - t0
     cpu1 = server_cpu_seconds(pid) if pid else None
+    rss1 = server_rss_mb(pid) if pid else None
     gc.unfreeze()
 
     ok = [s for s in samples if s.status == 200]
@@ -449,6 +465,8 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         report["server_idle_cpu_ms_per_s"] = round(idle_cpu_per_s * 1000, 2)
         report["server_cpu_ms_per_request_net_of_idle"] = round(
             (cpu1 - cpu0 - idle_cpu_per_s * wall) / len(samples) * 1000, 3)
+        # growth under load is request state still held (BentoML keeps each request's context for its timeout)
+        report["server_rss_mb"] = {"start": round(rss0, 1), "end": round(rss1, 1)}
     if cfg.bundle:
         spec = InputSpec.from_manifest(_manifest_input(cfg.bundle))
         x = np.stack([decode_image(p, spec, 1 << 30) for p in pngs])  # the server's decode of the same bytes
@@ -543,6 +561,8 @@ def _summary(r: dict) -> str:
     if "server_cpu_ms_per_request" in r:
         lines.append(f"server CPU {r['server_cpu_ms_per_request']} ms per request "
                      f"({r['server_cpu_ms_per_request_net_of_idle']} net of {r['server_idle_cpu_ms_per_s']} ms/s idle)")
+    if "server_rss_mb" in r:
+        lines.append(f"server memory (RSS) {r['server_rss_mb']['start']} -> {r['server_rss_mb']['end']} MiB")
     if "inprocess" in r:
         ip = r["inprocess"]
         lines.append("in-process ONNX Runtime ms/image (batch 1 / 32): " + ", ".join(

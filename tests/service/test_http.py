@@ -235,6 +235,7 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
     assert set(report["latency_by_kind"]) == {"right", "wrong", "none"}
     assert 0 < report["server_share_of_inprocess_throughput"] < 10
     assert report["server_cpu_ms_per_request"] > 0
+    assert 50 < report["server_rss_mb"]["start"] <= 4096 and report["server_rss_mb"]["end"] > 50
     assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
     assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
     assert out.with_suffix(".png").stat().st_size > 10_000
