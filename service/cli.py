@@ -28,10 +28,15 @@ def server_env(bundle_dir, base: dict | None = None, **config) -> dict:
     from .config import ENV_PREFIX, ServeConfig
 
     cfg = ServeConfig(bundle=str(Path(bundle_dir).expanduser().resolve()),
-                      **{k: v for k, v in config.items() if k not in ("workers", "access_log")})
+                      **{k: v for k, v in config.items() if k not in ("workers", "access_log", "tracing")})
     env = dict(os.environ if base is None else base)
     env.update(cfg.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if not config.get("tracing"):
+        # BentoML records an OpenTelemetry span per request even when it samples none (its default), and BentoML's
+        # timeout timer keeps each request's span alive for 60 s: without the SDK the digits server answered 13%
+        # faster and grew 21 MB instead of 91 MB in 30 s at 613 req/s. An explicit OTEL_SDK_DISABLED wins.
+        env.setdefault("OTEL_SDK_DISABLED", "true")
     if config.get("workers"):
         env[ENV_PREFIX + "WORKERS"] = str(int(config["workers"]))
     if config.get("access_log"):
@@ -52,7 +57,8 @@ def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout:
     """Start `bentoml serve` for a bundle and wait until /readyz answers 200.
 
     `config` holds ServeConfig fields (device, hint_mode, min_prob, unknown_hint, batcher, threads, ...) plus
-    `workers` and `access_log`. The server's output goes to `log_path` (a temp file by default; `proc.log_path`).
+    `workers`, `access_log` and `tracing`. The server's output goes to `log_path` (a temp file by default;
+    `proc.log_path`).
     If the server is not ready within `timeout` seconds or exits, it is killed and UserError says why (a failing
     service __init__ makes BentoML respawn the worker forever, so waiting without a limit would hang).
     """
@@ -154,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--tracing", action="store_true",
+                   help="keep OpenTelemetry on (for BentoML's tracing exporters); off by default: it costs per request")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.set_defaults(func=_serve)
 
@@ -185,7 +193,7 @@ def _serve(args) -> int:
     bundle = _check_bundle(args.bundle)
     config = dict(device=args.device, hint_mode=args.hint_mode, min_prob=args.min_prob,
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
-                  threads=args.threads, workers=args.workers, access_log=args.access_log,
+                  threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
                   gc_gen2_threshold=args.gc_gen2_threshold)
     env = server_env(bundle, **config)

@@ -298,3 +298,12 @@ def test_padding_to_warmed_batch_sizes_keeps_every_answer(tiny_bundle, digits_te
     for a, b in zip(padded.run(x[:7], routes), plain.run(x[:7], routes)):
         assert (a.route, a.model, a.fallback) == (b.route, b.model, b.fallback)
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+
+
+def test_server_env_turns_opentelemetry_off_unless_asked(tiny_bundle):
+    from steerprune.service.cli import server_env
+
+    env = server_env(tiny_bundle, base={}, threads=1)
+    assert env["OTEL_SDK_DISABLED"] == "true" and env["STEERPRUNE_THREADS"] == "1"
+    assert "OTEL_SDK_DISABLED" not in server_env(tiny_bundle, base={}, tracing=True)
+    assert server_env(tiny_bundle, base={"OTEL_SDK_DISABLED": "false"})["OTEL_SDK_DISABLED"] == "false"
