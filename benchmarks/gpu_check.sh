@@ -4,7 +4,8 @@
 # PAYLOAD_DIR holds what that machine lacks, as parts of one tar (it travelled in pieces): the onnxruntime-gpu 1.31.1
 # wheel without its CUDA provider library (pip wants the wheel's real file name back), that library xz-compressed,
 # BentoML 1.4.40 and its missing dependencies as wheels (tornado and pyzmq too: BentoML's process manager needs
-# them), and a digits bundle. Files come back from at most 8 per call: keep the outputs few. Steps, most important first, each with its own time limit:
+# them), and a digits bundle. Files come back from at most 8 per call: keep the outputs few.
+# Steps, most important first, each with its own time limit:
 #   1. pytest -m gpu: CUDA sessions, parity with the CPU provider, `steerprune bench --device cuda`, a real BentoML
 #      server on CUDA answering like the CPU engine over HTTP;
 #   2. `steerprune bench --device cuda` on the digits bundle (pruned vs full on the GPU);

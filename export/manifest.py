@@ -23,8 +23,8 @@ from steerprune.errors import UserError
 
 __all__ = [
     "SCHEMA_VERSION", "INPUT_NAME", "OUTPUT_NAME", "MANIFEST", "SAMPLES_FILE", "VERIFY_TOL", "BundleError",
-    "sha256_file", "CUDA_PROVIDER", "gpu_visible", "ort_providers", "preload_cuda_libs", "ort_session", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
-    "model_paths",
+    "sha256_file", "CUDA_PROVIDER", "gpu_visible", "ort_providers", "preload_cuda_libs", "ort_session", "max_abs_diff",
+    "load_manifest", "validate_manifest", "verify_bundle", "model_paths",
 ]
 
 SCHEMA_VERSION = 1
@@ -100,7 +100,8 @@ def preload_cuda_libs(log=None) -> None:
                 log(f"onnxruntime.preload_dlls failed: {e}")
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None, device: str | None = None):
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
+                device: str | None = None):
     """An ONNX Runtime session; `threads` fixes intra-op threads (inter-op 1) so timings say what they used.
 
     With `device='cuda'` the session must really run on CUDA: onnxruntime-gpu logs an error and silently falls

@@ -14,7 +14,6 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from steerprune.errors import UserError
-
 from steerprune.export.manifest import gpu_visible
 
 from .config import ServeConfig

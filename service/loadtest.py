@@ -28,7 +28,8 @@ import numpy as np
 from steerprune.errors import UserError
 
 __all__ = ["LoadTestConfig", "Planned", "Sample", "run_loadtest", "load_images", "encode_png", "multipart_body",
-           "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "server_rss_mb", "find_server_pid"]
+           "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "server_rss_mb",
+           "find_server_pid"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 KINDS = ("right", "wrong", "none")
@@ -217,33 +218,28 @@ def find_server_pid(port: int) -> Optional[int]:
     return None
 
 
-def server_rss_mb(pid: int) -> float:
-    """Resident memory (MiB) of a process and all its descendants."""
-    import psutil
-
-    total = 0
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
-
-def server_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (children that exited are not counted)."""
+def _tree_sum(pid: int, measure: Callable) -> float:
+    """Sum of `measure(process)` over a process and all its descendants (ones that exit meanwhile count 0)."""
     import psutil
 
     total = 0.0
     root = psutil.Process(pid)
     for p in [root, *root.children(recursive=True)]:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            total += measure(p)
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def server_rss_mb(pid: int) -> float:
+    """Resident memory (MiB) of a process and all its descendants."""
+    return _tree_sum(pid, lambda p: p.memory_info().rss) / 2**20
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (children that exited are not counted)."""
+    return _tree_sum(pid, lambda p: sum(p.cpu_times()[:2]))
 
 
 # ---------------------------------------------------------------------------------------------- the run
