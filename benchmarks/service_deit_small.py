@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +53,6 @@ def _image_folder(root: Path, cifar10: Path, per_class_train: int, per_class_tes
                 Image.fromarray(images[i]).save(d / f"{i}.png")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="runs/deit_small_service")
@@ -72,7 +65,7 @@ def main() -> int:
     pin = args.pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
     cores = sorted(os.sched_getaffinity(0)) if pin else []
 
-    from steerprune.service.cli import start_server, stop_server
+    from steerprune.service.cli import free_port, start_server, stop_server
     from steerprune.service.loadtest import LoadTestConfig, run_loadtest
 
     work = (ROOT / args.work).resolve()
@@ -89,7 +82,7 @@ def main() -> int:
     if not (bundle / "manifest.json").is_file():
         _steerprune("export", str(run), "--out", str(bundle), "--masks", str(work / "masks.json"))
 
-    port = _free_port()
+    port = free_port()
     if pin:
         os.sched_setaffinity(0, {cores[0]})  # the server and its workers inherit core 0
     proc = start_server(bundle, port=port, hint_mode="trust", timeout=300, **({"threads": 1} if pin else {}))

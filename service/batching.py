@@ -7,12 +7,14 @@ its own upload validation (see service.py), so batching happens below the handle
 - `CorkBatcher`: BentoML's own `CorkDispatcher`, the adaptive-batching engine behind `batchable=True` (it learns
   a wait window from measured latencies, polls every 1 ms, and answers 503 past max_latency_ms).
 Both take `fn(items) -> results` (run in a worker thread: ONNX Runtime releases the GIL) and keep the order.
+GreedyBatcher also takes `inline(items) -> bool`: batches it approves run on the event loop itself (a small
+model's run is shorter than the thread hop).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import anyio
 
@@ -20,9 +22,11 @@ __all__ = ["GreedyBatcher", "CorkBatcher", "make_batcher"]
 
 
 class GreedyBatcher:
-    def __init__(self, fn: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int):
+    def __init__(self, fn: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int,
+                 inline: Optional[Callable[[Sequence[Any]], bool]] = None):
         self.fn = fn
         self.max_batch_size = max_batch_size
+        self.inline = inline
         self._queue: collections.deque = collections.deque()
         self._running = False
 
@@ -38,8 +42,12 @@ class GreedyBatcher:
         try:
             while self._queue:
                 jobs = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))]
+                items = [item for item, _ in jobs]
                 try:
-                    outs = await anyio.to_thread.run_sync(self.fn, [item for item, _ in jobs])
+                    if self.inline is not None and self.inline(items):
+                        outs = self.fn(items)
+                    else:
+                        outs = await anyio.to_thread.run_sync(self.fn, items)
                 except Exception as e:  # noqa: BLE001 - every waiting request gets the error
                     for _, fut in jobs:
                         if not fut.done():
@@ -71,7 +79,7 @@ class CorkBatcher:
         return await self._call(item)
 
 
-def make_batcher(kind: str, fn, max_batch_size: int, max_latency_ms: int):
+def make_batcher(kind: str, fn, max_batch_size: int, max_latency_ms: int, inline=None):
     if kind == "bentoml":
         return CorkBatcher(fn, max_batch_size, max_latency_ms)
-    return GreedyBatcher(fn, max_batch_size)
+    return GreedyBatcher(fn, max_batch_size, inline)

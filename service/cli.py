@@ -8,6 +8,7 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from steerprune.errors import UserError
 
-__all__ = ["register", "start_server", "stop_server", "curl_example", "server_env", "SERVICE_REF"]
+__all__ = ["register", "start_server", "stop_server", "curl_example", "server_env", "free_port", "SERVICE_REF"]
 
 SERVICE_REF = "steerprune.service.service:SteerPrune"
 
@@ -42,6 +43,13 @@ def server_env(bundle_dir, base: dict | None = None, **config) -> dict:
     if config.get("access_log"):
         env[ENV_PREFIX + "ACCESS_LOG"] = "1"
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for tests and benchmarks that start servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _check_bundle(bundle_dir) -> Path:
@@ -158,6 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Python's third GC threshold in the worker (Python's default 10; see README, Service)")
     p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
+    p.add_argument("--inline-ms", type=float, default=1.0,
+                   help="run batches expected to take at most this many ms (warm-up timings) on the event loop "
+                        "instead of a thread (0: always a thread; see README, Service)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--tracing", action="store_true",
@@ -195,7 +206,7 @@ def _serve(args) -> int:
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
                   threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
-                  gc_gen2_threshold=args.gc_gen2_threshold)
+                  gc_gen2_threshold=args.gc_gen2_threshold, inline_ms=args.inline_ms)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

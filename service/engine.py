@@ -93,6 +93,7 @@ class Engine:
         self.device = "cuda" if self.requested_cuda and not self.problems else "cpu"
         self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda")
         self.warm_sizes = warm_sizes(cfg.max_batch_size)
+        self.run_ms: dict[str, dict[int, float]] = {}  # model -> batch size -> ms per run, filled by warm_up
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
             f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
 
@@ -175,16 +176,42 @@ class Engine:
                        routed.get(i)) for i, r in enumerate(routes)]
 
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
-        """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken."""
+        """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken.
+
+        Also records each model's ms per run at each of those sizes (median of the rounds after the first) in
+        `run_ms`, which `expected_ms` reads.
+        """
         t0 = time.perf_counter()
         s = self.spec.img_size
         c = 1 if self.spec.color_mode == "L" else 3
         for model in self.sessions:
             for b in warm_sizes(max_batch_size):
                 x = np.zeros((b, c, s, s), np.float32)
+                times = []
                 for _ in range(rounds):
+                    t = time.perf_counter()
                     self.logits(model, x)
+                    times.append((time.perf_counter() - t) * 1000.0)
+                if times:
+                    self.run_ms.setdefault(model, {})[b] = round(float(np.median(times[1:] or times)), 4)
         return time.perf_counter() - t0
+
+    def expected_ms(self, routes: Sequence[str]) -> float:
+        """What `run` should take for a batch with these routes, from the warm-up timings: one run per distinct
+        model, plus, in verify mode, a full-model run for every hinted row (the worst case). inf before warm-up."""
+        counts: dict[str, int] = {}
+        for r in routes:
+            counts[self.routes[r].model] = counts.get(self.routes[r].model, 0) + 1
+        hinted = sum(1 for r in routes if r != FULL)
+        runs = list(counts.items()) + ([(self.full_model, hinted)] if hinted and self.cfg.hint_mode == "verify" else [])
+        total = 0.0
+        for model, n in runs:
+            timed = self.run_ms.get(model, {})
+            size = next((b for b in sorted(timed) if b >= n), None)
+            if size is None:
+                return float("inf")
+            total += timed[size]
+        return total
 
     # ------------------------------------------------------------------------------------------ listing
 

@@ -29,7 +29,7 @@ from steerprune.errors import UserError
 
 __all__ = ["LoadTestConfig", "Planned", "Sample", "run_loadtest", "load_images", "encode_png", "multipart_body",
            "plan_requests", "parse_mix", "route_accuracy_check", "LOCAL_HOSTS", "server_cpu_seconds", "server_rss_mb",
-           "find_server_pid"]
+           "find_server_pid", "scrape_histograms", "histogram_delta"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 KINDS = ("right", "wrong", "none")
@@ -338,17 +338,62 @@ def _percentiles(lat_s: list[float]) -> dict:
             "p99_over_p50": round(float(p99 / p50), 2) if p50 > 0 else None}
 
 
-def _get_json(host: str, port: int, path: str) -> tuple[int, dict]:
+def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         conn.request("GET", path)
         r = conn.getresponse()
-        body = r.read()
-        return r.status, (json.loads(body) if r.status == 200 and path != "/readyz" else {})
+        return r.status, r.read()
     except OSError as e:
         raise UserError(f"cannot reach the server at {host}:{port}: {e}") from None
     finally:
         conn.close()
+
+
+def _get_json(host: str, port: int, path: str) -> tuple[int, dict]:
+    status, body = _get(host, port, path)
+    return status, (json.loads(body) if status == 200 and path != "/readyz" else {})
+
+
+# The server's own histograms (service.py): time inside the /classify handler, and images per model run.
+SERVER_HISTOGRAMS = {"handler_ms": ("steerprune_request_duration_seconds", 1000.0),
+                     "batch_size": ("steerprune_batch_size", 1.0)}
+
+
+def scrape_histograms(host: str, port: int) -> dict[str, dict]:
+    """/metrics -> {histogram: {"buckets": {upper bound: cumulative count}, "sum", "count"}}, summed over labels."""
+    status, body = _get(host, port, "/metrics")
+    out = {name: {"buckets": {}, "sum": 0.0, "count": 0.0} for name, _ in SERVER_HISTOGRAMS.values()}
+    if status != 200:
+        return out
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        name, _, labels = series.partition("{")
+        for hist in out:
+            if name == hist + "_bucket":
+                le = labels.split('le="', 1)[1].split('"', 1)[0]
+                bound = float("inf") if le == "+Inf" else float(le)
+                out[hist]["buckets"][bound] = out[hist]["buckets"].get(bound, 0.0) + float(value)
+            elif name in (hist + "_sum", hist + "_count"):
+                out[hist][name[len(hist) + 1:]] += float(value)
+    return out
+
+
+def histogram_delta(before: dict, after: dict, scale: float) -> dict:
+    """What a histogram gained between two scrapes: count, mean, and the share of observations above each bound
+    (bounds scaled, e.g. seconds -> ms). Buckets give bounds, not exact percentiles."""
+    count = after["count"] - before["count"]
+    if count <= 0:
+        return {"count": 0}
+    above = {}
+    for bound in sorted(after["buckets"]):
+        if bound != float("inf"):
+            below = after["buckets"][bound] - before["buckets"].get(bound, 0.0)
+            above[f"{bound * scale:g}"] = round(1.0 - below / count, 5)
+    total = (after["sum"] - before["sum"]) * scale
+    return {"count": int(count), "sum": round(total, 4), "mean": round(total / count, 4), "share_above": above}
 
 
 def inprocess_baseline(bundle: str, x: np.ndarray, plan: list[Planned], routes: dict, threads: int = 0,
@@ -419,6 +464,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         idle_cpu_per_s = (server_cpu_seconds(pid) - c0) / (time.perf_counter() - w0)
     cpu0 = server_cpu_seconds(pid) if pid else None
     rss0 = server_rss_mb(pid) if pid else None
+    hist0 = scrape_histograms(host, port)
     samples: list[Sample] = []
     gc.collect()
     gc.freeze()  # the generator's own full collections would otherwise show up as server latency
@@ -430,6 +476,7 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
     wall = time.perf_counter() - t0
     cpu1 = server_cpu_seconds(pid) if pid else None
     rss1 = server_rss_mb(pid) if pid else None
+    hist1 = scrape_histograms(host, port)
     gc.unfreeze()
 
     ok = [s for s in samples if s.status == 200]
@@ -444,6 +491,10 @@ def run_loadtest(cfg: LoadTestConfig, log: Callable = print) -> dict:
         "latency_by_route": {r: _percentiles([s.latency for s in ok if s.answer["route"] == r])
                              for r in sorted({s.answer["route"] for s in ok})},
         "latency_by_kind": {k: _percentiles([s.latency for s in ok if plan[s.planned].kind == k]) for k in KINDS},
+        # the server's view of the same run: handler time (a tail the clients see but the handler does not lies
+        # outside it: event loop, HTTP stack, GC) and how many images each model run got
+        "server_side": {key: histogram_delta(hist0[name], hist1[name], scale)
+                        for key, (name, scale) in SERVER_HISTOGRAMS.items()},
     }
     if ok:
         n_fb = sum(s.answer["fallback"] for s in ok)
@@ -557,6 +608,12 @@ def _summary(r: dict) -> str:
     if "server_cpu_ms_per_request" in r:
         lines.append(f"server CPU {r['server_cpu_ms_per_request']} ms per request "
                      f"({r['server_cpu_ms_per_request_net_of_idle']} net of {r['server_idle_cpu_ms_per_s']} ms/s idle)")
+    handler, batch = r["server_side"]["handler_ms"], r["server_side"]["batch_size"]
+    if handler.get("count"):
+        over = {b: v for b, v in handler["share_above"].items() if float(b) in (1, 3, 10)}
+        lines.append(f"server side: handler mean {handler['mean']:.3f} ms, share over "
+                     + ", ".join(f"{b} ms {100 * v:.2f}%" for b, v in over.items())
+                     + (f"; {batch['mean']:.2f} images per model run" if batch.get("count") else ""))
     if "server_rss_mb" in r:
         lines.append(f"server memory (RSS) {r['server_rss_mb']['start']} -> {r['server_rss_mb']['end']} MiB")
     if "inprocess" in r:

@@ -94,7 +94,7 @@ class SteerPrune:
         self.cfg = ServeConfig.from_env()
         self.engine = Engine(self.cfg)
         self.batcher = make_batcher(self.cfg.batcher, self._run_batch, self.cfg.max_batch_size,
-                                    self.cfg.max_latency_ms)
+                                    self.cfg.max_latency_ms, inline=self._inline if self.cfg.inline_ms > 0 else None)
         self.listing = self.engine.describe()
         self.ready = False
         self.warmup_seconds = None
@@ -125,6 +125,9 @@ class SteerPrune:
 
     async def __is_ready__(self) -> bool:  # async: BentoML then skips a thread hop per probe
         return self.ready
+
+    def _inline(self, items: list) -> bool:
+        return self.engine.expected_ms([it[1] for it in items]) <= self.cfg.inline_ms
 
     def _run_batch(self, items: list) -> list:
         x = np.stack([it[0] for it in items])  # (N, C, S, S)
@@ -294,6 +297,7 @@ async def routes_endpoint(request: Request):
         return JSONResponse({"error": "service is starting"}, status_code=503)
     return JSONResponse(dict(svc.listing, ready=svc.ready, batcher=svc.cfg.batcher,
                              max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds,
+                             inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms,
                              gc_threshold=list(gc.get_threshold())))
 
 

@@ -29,9 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--policy-epochs", type=int)
     p.add_argument("--target-usage", type=float)
+    p.add_argument("--policy-noise-end", type=float,
+                   help="Gumbel noise scale at the end of policy training, annealed from 1 (0: end on eval's masks)")
     p.add_argument("--distill-weight", type=float, help="KL to the untuned backbone during policy training (0: off)")
     p.add_argument("--layer-targets", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated usage target per gated layer")
+    p.add_argument("--layer-weight", type=float,
+                   help="weight of the per-layer usage term (default 1; 0 lets the policy spread the budget freely)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--gated-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--finetune-backbone", action=argparse.BooleanOptionalAction, default=None,
@@ -52,7 +56,7 @@ def train_config_from_args(args):
         preset = "custom"
     overrides = {k: getattr(args, k) for k in (
         "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr", "amp",
-        "policy_epochs", "target_usage", "distill_weight", "layer_targets", "temperature", "gated_layers", "finetune_backbone",
+        "policy_epochs", "target_usage", "policy_noise_end", "distill_weight", "layer_targets", "layer_weight", "temperature", "gated_layers", "finetune_backbone",
         "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
     return TrainConfig.for_preset(preset, **overrides)
 

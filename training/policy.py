@@ -50,15 +50,21 @@ class PolicyConfig:
                 raise UserError(f"layer_targets needs {len(self.gated_layers)} values in (0, 1]")
         if self.temperature <= 0:
             raise UserError("temperature must be positive")
+        if self.usage_weight < 0 or self.layer_weight < 0:
+            raise UserError("usage_weight and layer_weight must be >= 0")
 
     def targets(self) -> list[float]:
         return list(self.layer_targets) if self.layer_targets is not None else [self.target_usage] * len(self.gated_layers)
 
 
-def gumbel_sigmoid(logits: torch.Tensor, temperature: float, hard: bool = True) -> torch.Tensor:
-    """Sample from a relaxed Bernoulli; with hard=True return 0/1 whose gradient is the soft sample's."""
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float, hard: bool = True, noise_scale: float = 1.0) -> torch.Tensor:
+    """Sample from a relaxed Bernoulli; with hard=True return 0/1 whose gradient is the soft sample's.
+
+    noise_scale multiplies the logistic noise: 1 is the Gumbel-sigmoid, 0 the deterministic eval decision
+    (logit > 0) with the same straight-through gradient.
+    """
     u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    soft = torch.sigmoid((logits + noise_scale * (torch.log(u) - torch.log1p(-u))) / temperature)
     if not hard:
         return soft
     return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
@@ -78,6 +84,7 @@ class HeadPolicy(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.cfg = cfg
+        self.noise_scale = 1.0  # training-time schedule knob (see gumbel_sigmoid), not part of the config
         self.layers = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(cfg.dim, **dd), nn.Linear(cfg.dim, cfg.num_heads, **dd)) for _ in cfg.gated_layers
         )
@@ -91,7 +98,7 @@ class HeadPolicy(nn.Module):
 
     def decide(self, logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         if self.training:
-            return gumbel_sigmoid(logits, self.cfg.temperature, hard=True)
+            return gumbel_sigmoid(logits, self.cfg.temperature, hard=True, noise_scale=self.noise_scale)
         return (logits > math.log(threshold / (1 - threshold))).to(logits.dtype)
 
     def save_config(self, path: Path) -> None:

@@ -56,12 +56,17 @@ class TrainConfig:
     """Train the backbone jointly with the policy (at lr/10) instead of freezing it (AdaViT trains jointly;
     on digits the frozen backbone lost 6 points at usage 0.5, the jointly tuned one 1-2)."""
     target_usage: float = 0.5
+    policy_noise_end: float = 1.0
+    """Gumbel noise scale at the end of policy training, annealed linearly from 1 over the policy epochs. 1 keeps
+    AdaViT's sampling throughout; 0 ends on the deterministic masks that eval uses (the noise is a train/eval gap)."""
     distill_weight: float = 0.0
     """Weight of a KL term pulling the gated model's class distribution toward the full backbone's as it was before
     policy training (a frozen teacher, as DynamicViT distils); 0 is AdaViT's loss (cross-entropy + usage terms)."""
     layer_targets: Optional[list[float]] = None
     temperature: float = 5.0
     usage_weight: float = 2.0
+    layer_weight: float = 1.0
+    """Weight of the per-layer usage term relative to the global one (0: the policy spreads the budget freely)."""
     gated_layers: Optional[list[int]] = None
     """Default: every block but the first (AdaViT)."""
     sae_layers: Optional[list[int]] = None
@@ -77,6 +82,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp not in ("none", "bf16"):
             raise UserError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if not 0.0 <= self.policy_noise_end <= 1.0:
+            raise UserError(f"policy_noise_end must be in [0, 1], got {self.policy_noise_end}")
         if self.distill_weight < 0:
             raise UserError(f"distill_weight must be >= 0, got {self.distill_weight}")
         for name in ("batch_size", "epochs", "policy_epochs", "sae_steps", "sae_batch_size", "sae_aug_passes"):
@@ -264,7 +271,7 @@ def make_policy(tcfg: TrainConfig, vit: nn.Module) -> HeadPolicy:
         raise UserError(f"gated layers {gated} outside the backbone's {depth} blocks")
     pcfg = PolicyConfig(dim=vit.embed_dim, num_heads=vit.blocks[0].attn.num_heads, gated_layers=gated,
                         temperature=tcfg.temperature, target_usage=tcfg.target_usage, layer_targets=tcfg.layer_targets,
-                        usage_weight=tcfg.usage_weight)
+                        usage_weight=tcfg.usage_weight, layer_weight=tcfg.layer_weight)
     return HeadPolicy(pcfg)
 
 
@@ -296,8 +303,10 @@ def train_policy(vit: nn.Module, data: DataBundle, tcfg: TrainConfig, bcfg: Back
         t0, usage_sum, correct, seen = time.time(), 0.0, 0, 0
         bar = _progress(_batches(len(y_train), tcfg.batch_size, gen), f"policy {epoch + 1}/{tcfg.policy_epochs}", steps_per_epoch)
         for j, idx in enumerate(bar):
+            step = epoch * steps_per_epoch + j
             for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = _cosine_lr(epoch * steps_per_epoch + j, total, 0, base)
+                g["lr"] = _cosine_lr(step, total, 0, base)
+            policy.noise_scale = 1.0 + (tcfg.policy_noise_end - 1.0) * step / total
             xb = augment(x_train[idx], tcfg.crop_pad, data.hflip, gen)
             with _autocast(tcfg.amp):
                 out = model(xb)
@@ -319,6 +328,7 @@ def train_policy(vit: nn.Module, data: DataBundle, tcfg: TrainConfig, bcfg: Back
         log(f"policy epoch {epoch + 1}/{tcfg.policy_epochs}: train usage {usage_sum / seen:.3f} acc {correct / seen:.3f}; "
             f"val acc {val_acc:.3f} usage {val.masks[:, gated].mean():.3f} ({time.time() - t0:.0f} s)")
     vit.requires_grad_(True)
+    policy.noise_scale = 1.0
     return model.eval()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import json
-import socket
 import time
 
 import numpy as np
@@ -12,19 +11,13 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from steerprune.service.cli import curl_example, start_server, stop_server  # noqa: E402
+from steerprune.service.cli import curl_example, free_port, start_server, stop_server  # noqa: E402
 from steerprune.service.config import ServeConfig  # noqa: E402
 from steerprune.service.engine import FULL, Engine  # noqa: E402
 from steerprune.service.loadtest import encode_png, multipart_body  # noqa: E402
 from steerprune.service.preprocess import normalize  # noqa: E402
 
 pytestmark = [pytest.mark.http, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(tmp_path) -> dict:
@@ -80,6 +73,10 @@ def test_probes_and_routes_listing(server, tiny_bundle):
     assert body["routes"]["3"]["model"] == body["full"]["model"]
     assert body["device"] == "cpu" and body["hint_mode"] == "verify"
     assert body["gc_threshold"][2] == 1000 and body["pad_batches"] is False  # set once warm; no padding on the CPU
+    # warm-up timed every session at every warmed size; batches expected under inline_ms skip the thread hop
+    assert body["inline_ms"] == 1.0 and set(body["warm_run_ms"]) == set(body["sessions"])
+    assert all(set(t) == {str(b) for b in body["warm_batch_sizes"]} and all(v > 0 for v in t.values())
+               for t in body["warm_run_ms"].values())
 
 
 def test_answers_equal_offline_onnxruntime(server, offline, digits):
@@ -236,6 +233,11 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
     assert 0 < report["server_share_of_inprocess_throughput"] < 10
     assert report["server_cpu_ms_per_request"] > 0
     assert 50 < report["server_rss_mb"]["start"] <= 4096 and report["server_rss_mb"]["end"] > 50
+    handler, batch = report["server_side"]["handler_ms"], report["server_side"]["batch_size"]
+    assert handler["count"] == 120 and 0 < handler["mean"] < report["latency"]["mean_ms"]  # this run's requests only
+    shares = list(handler["share_above"].values())
+    assert all(0 <= b <= a <= 1 for a, b in zip(shares, shares[1:]))  # a survival curve: never rises
+    assert 1 <= batch["mean"] <= 4 and batch["sum"] == 120  # 4 users: <= 4 per run
     assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
     assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
     assert out.with_suffix(".png").stat().st_size > 10_000
@@ -260,7 +262,8 @@ def test_curl_example_names_a_hint(tiny_bundle):
 
 
 def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_path):
-    """Long warm-up: /livez is 200 while /readyz is 503 (and /classify 503), then both 200; trust mode, lenient hints."""
+    """Long warm-up: /livez is 200 while /readyz is 503 (and /classify 503), then both 200; trust mode, lenient hints;
+    every batch in a worker thread (inline_ms=0), the path larger models take."""
     import subprocess
     import sys
 
@@ -268,7 +271,7 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
 
     port = free_port()
     env = env_for(tiny_bundle, base=server_env(tmp_path), hint_mode="trust", unknown_hint="full", warmup_rounds=60,
-                  verify=False, threads=1)
+                  verify=False, threads=1, inline_ms=0)
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -295,6 +298,7 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
         a = classify(url, two, hint="7").json()
         assert a["route"] == "7" and a["fallback"] is False  # trust mode returns the routed answer
         assert classify(url, two, hint="giraffe").json()["route"] == "full"  # unknown_hint=full
+        assert requests.get(url + "/routes", timeout=10).json()["inline_ms"] == 0
         from steerprune.service.loadtest import LoadTestConfig, run_loadtest
 
         # wrong hints are answered by the routed model here: the offline answers must follow the server's mode

@@ -196,6 +196,8 @@ def test_serve_config_env_round_trip_and_validation(tmp_path):
     with pytest.raises(UserError, match="switch_interval_ms"):
         ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "0"})
     assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "2"}).switch_interval_ms == 2.0
+    with pytest.raises(UserError, match="inline_ms"):
+        ServeConfig(bundle="x", inline_ms=-1)
 
 
 def test_loadtest_is_local_and_bounded():
@@ -307,3 +309,46 @@ def test_server_env_turns_opentelemetry_off_unless_asked(tiny_bundle):
     assert env["OTEL_SDK_DISABLED"] == "true" and env["STEERPRUNE_THREADS"] == "1"
     assert "OTEL_SDK_DISABLED" not in server_env(tiny_bundle, base={}, tracing=True)
     assert server_env(tiny_bundle, base={"OTEL_SDK_DISABLED": "false"})["OTEL_SDK_DISABLED"] == "false"
+
+
+def test_expected_ms_adds_one_run_per_model_and_the_worst_case_fallback(tiny_bundle):
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, max_batch_size=8))
+    assert eng.expected_ms([FULL]) == float("inf")  # nothing timed before warm-up
+    eng.warm_up(8, rounds=3)
+    assert set(eng.run_ms) == set(eng.sessions) and all(sorted(t) == [1, 2, 4, 8] for t in eng.run_ms.values())
+    assert all(0 < ms < 1000 for t in eng.run_ms.values() for ms in t.values())
+    full, seven = eng.full_model, eng.routes["7"].model
+    assert seven != full
+    assert eng.expected_ms([FULL]) == eng.run_ms[full][1]
+    assert eng.expected_ms([FULL] * 3) == eng.run_ms[full][4]  # the smallest timed size that holds 3
+    # verify mode: the routed run plus a full-model rerun for every hinted row, in case all of them fall back
+    assert eng.expected_ms(["7", "7", FULL]) == pytest.approx(
+        eng.run_ms[seven][2] + eng.run_ms[full][1] + eng.run_ms[full][2])
+    trusting = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, hint_mode="trust", max_batch_size=8))
+    trusting.run_ms = eng.run_ms
+    assert trusting.expected_ms(["7", "7"]) == eng.run_ms[seven][2]
+    assert eng.expected_ms([FULL] * 9) == float("inf")  # larger than anything timed: never assumed cheap
+
+
+@pytest.mark.parametrize("inline_ok", [True, False])
+def test_greedy_batcher_runs_approved_batches_on_the_event_loop(inline_ok):
+    import asyncio
+    import threading
+
+    from steerprune.service.batching import GreedyBatcher
+
+    threads, sizes = set(), []
+
+    def fn(items):
+        threads.add(threading.get_ident())
+        sizes.append(len(items))
+        return [i * 10 for i in items]
+
+    async def main():
+        batcher = GreedyBatcher(fn, max_batch_size=4, inline=lambda items: inline_ok)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(10))), threading.get_ident()
+
+    results, loop_thread = asyncio.run(main())
+    assert results == [i * 10 for i in range(10)]  # every caller gets its own answer, in order
+    assert max(sizes) <= 4 and sum(sizes) == 10
+    assert threads == ({loop_thread} if inline_ok else threads - {loop_thread}) and threads

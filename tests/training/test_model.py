@@ -75,6 +75,17 @@ def test_gumbel_sigmoid_hard_is_binary_with_soft_gradient():
     assert logits.grad.abs().sum() > 0
 
 
+def test_gumbel_noise_scale_zero_gives_the_eval_decision_with_a_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(1000, requires_grad=True)
+    y = gumbel_sigmoid(logits, temperature=5.0, noise_scale=0.0)
+    assert torch.equal(y.detach(), (logits > 0).float())  # what eval's sigmoid(logit) > 0.5 keeps
+    y.sum().backward()
+    assert logits.grad.abs().min() > 0  # straight-through: every logit still gets the soft gradient
+    noisy = gumbel_sigmoid(logits.detach(), temperature=5.0, noise_scale=1.0)
+    assert 0.05 < (noisy != (logits > 0).float()).float().mean() < 0.5  # full noise flips a share of decisions
+
+
 def test_usage_loss_moves_usage_toward_target():
     torch.manual_seed(0)
     _, vit = small_vit()

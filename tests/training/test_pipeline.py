@@ -134,3 +134,37 @@ def test_negative_distill_weight_is_refused():
 
     with pytest.raises(UserError, match="distill_weight"):
         TrainConfig(distill_weight=-1.0)
+
+
+def test_policy_noise_anneals_linearly_to_the_configured_end(tiny_run, monkeypatch):
+    from steerprune.training import policy as policy_mod
+    from steerprune.training.model import build_vit
+    from steerprune.training.train import train_policy
+
+    from ..conftest import tiny_train_config
+
+    scales = []
+    real = policy_mod.gumbel_sigmoid
+
+    def recording(logits, temperature, hard=True, noise_scale=1.0):
+        scales.append(noise_scale)
+        return real(logits, temperature, hard, noise_scale)
+
+    monkeypatch.setattr(policy_mod, "gumbel_sigmoid", recording)
+    run = load_run(tiny_run, need=("backbone",))
+    vit = build_vit(run.backbone)
+    vit.load_state_dict(run.vit.state_dict())
+    model = train_policy(vit, run.load_data(), tiny_train_config(policy_epochs=2, policy_noise_end=0.0), run.backbone,
+                         log=lambda *_: None)
+    per_step = scales[::len(model.policy.cfg.gated_layers)]  # one call per gated layer per step
+    assert per_step[0] == 1.0 and 0.0 <= per_step[-1] < 0.2
+    assert all(a > b for a, b in zip(per_step, per_step[1:]))
+    assert model.policy.noise_scale == 1.0  # the schedule does not leak into later training or eval
+
+
+def test_policy_noise_end_outside_unit_interval_is_refused():
+    from steerprune.errors import UserError
+    from steerprune.training.train import TrainConfig
+
+    with pytest.raises(UserError, match="policy_noise_end"):
+        TrainConfig(policy_noise_end=1.5)
