@@ -352,3 +352,32 @@ def test_greedy_batcher_runs_approved_batches_on_the_event_loop(inline_ok):
     assert results == [i * 10 for i in range(10)]  # every caller gets its own answer, in order
     assert max(sizes) <= 4 and sum(sizes) == 10
     assert threads == ({loop_thread} if inline_ok else threads - {loop_thread}) and threads
+
+
+def test_server_histograms_from_prometheus_text(monkeypatch):
+    from steerprune.service import loadtest
+
+    def page(handler_counts, total_s):  # cumulative buckets of the handler histogram, split over two routes
+        lines = ["# HELP steerprune_request_duration_seconds ...", "# TYPE steerprune_request_duration_seconds histogram"]
+        for route, share in (("0", 0.5), ("full", 0.5)):
+            for le, n in zip(("0.001", "0.003", "+Inf"), handler_counts):
+                lines.append(f'steerprune_request_duration_seconds_bucket{{le="{le}",route="{route}"}} {n * share}')
+            lines.append(f'steerprune_request_duration_seconds_count{{route="{route}"}} {handler_counts[-1] * share}')
+            lines.append(f'steerprune_request_duration_seconds_sum{{route="{route}"}} {total_s * share}')
+        return "\n".join(lines).encode()
+
+    pages = iter([page((10, 20, 20), 0.03), page((100, 180, 200), 0.33)])
+    monkeypatch.setattr(loadtest, "_get", lambda host, port, path: (200, next(pages)))
+    before, after = loadtest.scrape_histograms("127.0.0.1", 1), loadtest.scrape_histograms("127.0.0.1", 1)
+    delta = loadtest.histogram_delta(before["steerprune_request_duration_seconds"],
+                                     after["steerprune_request_duration_seconds"], 1000.0)
+    # 180 new requests: 90 under 1 ms, 160 under 3 ms; 300 ms between them
+    assert delta["count"] == 180 and delta["sum"] == pytest.approx(300.0) and delta["mean"] == pytest.approx(1.6667, abs=1e-4)
+    assert delta["share_above"] == {"1": pytest.approx(0.5), "3": pytest.approx(20 / 180, abs=1e-5)}
+    assert after["steerprune_batch_size"]["count"] == 0  # absent from the page: empty, not an error
+
+    def unreachable(host, port, path):
+        raise UserError("cannot reach the server")
+
+    monkeypatch.setattr(loadtest, "_get", unreachable)
+    assert loadtest.scrape_histograms("127.0.0.1", 1)["steerprune_batch_size"] == {"buckets": {}, "sum": 0.0, "count": 0.0}
