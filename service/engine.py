@@ -138,7 +138,7 @@ class Engine:
         """
         n = x.shape[0]
         if self.pad:
-            size = next((b for b in self.warm_sizes if b >= n), n)
+            size = self.warm_size(n) or n
             if size > n:
                 x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])  # (size, C, S, S)
         return self.sessions[model].run([self.output_name], {self.input_name: x})[0][:n]
@@ -206,12 +206,15 @@ class Engine:
         runs = list(counts.items()) + ([(self.full_model, hinted)] if hinted and self.cfg.hint_mode == "verify" else [])
         total = 0.0
         for model, n in runs:
-            timed = self.run_ms.get(model, {})
-            size = next((b for b in sorted(timed) if b >= n), None)
-            if size is None:
+            ms = self.run_ms.get(model, {}).get(self.warm_size(n))
+            if ms is None:
                 return float("inf")
-            total += timed[size]
+            total += ms
         return total
+
+    def warm_size(self, n: int) -> Optional[int]:
+        """The smallest warmed batch size that holds n images; None past the largest."""
+        return next((b for b in self.warm_sizes if b >= n), None)
 
     # ------------------------------------------------------------------------------------------ listing
 
