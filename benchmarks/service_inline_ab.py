@@ -41,7 +41,7 @@ def _one(bundle: Path, inline_ms: float, rate: float, duration: float, images, c
             "throughput_rps": r["throughput_rps"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
             "p99_over_p50": lat["p99_over_p50"], "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"),
             "handler_share_over_3ms": handler.get("share_above", {}).get("3"),
-            "images_per_model_run": r["server_side"]["batch_size"].get("mean")}
+            "images_per_batch": r["server_side"]["batch_size"].get("mean")}
 
 
 def main() -> int:

@@ -355,7 +355,7 @@ def _get_json(host: str, port: int, path: str) -> tuple[int, dict]:
     return status, (json.loads(body) if status == 200 and path != "/readyz" else {})
 
 
-# The server's own histograms (service.py): time inside the /classify handler, and images per model run.
+# The server's own histograms (service.py): time inside the /classify handler, and images per batch.
 SERVER_HISTOGRAMS = {"handler_ms": ("steerprune_request_duration_seconds", 1000.0),
                      "batch_size": ("steerprune_batch_size", 1.0)}
 
@@ -617,7 +617,7 @@ def _summary(r: dict) -> str:
         over = {b: v for b, v in handler["share_above"].items() if float(b) in (1, 3, 10)}
         lines.append(f"server side: handler mean {handler['mean']:.3f} ms, share over "
                      + ", ".join(f"{b} ms {100 * v:.2f}%" for b, v in over.items())
-                     + (f"; {batch['mean']:.2f} images per model run" if batch.get("count") else ""))
+                     + (f"; {batch['mean']:.2f} images per batch" if batch.get("count") else ""))
     if "server_rss_mb" in r:
         lines.append(f"server memory (RSS) {r['server_rss_mb']['start']} -> {r['server_rss_mb']['end']} MiB")
     if "inprocess" in r:

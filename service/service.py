@@ -66,7 +66,7 @@ LATENCY = bentoml.metrics.Histogram(
     labelnames=["route"],
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 BATCH = bentoml.metrics.Histogram(
-    name="steerprune_batch_size", documentation="Images per batched model run", labelnames=[],
+    name="steerprune_batch_size", documentation="Images per batch the batcher hands to the engine (split by model inside)", labelnames=[],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 

@@ -237,7 +237,7 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
     assert handler["count"] == 120 and 0 < handler["mean"] < report["latency"]["mean_ms"]  # this run's requests only
     shares = list(handler["share_above"].values())
     assert all(0 <= b <= a <= 1 for a, b in zip(shares, shares[1:]))  # a survival curve: never rises
-    assert 1 <= batch["mean"] <= 4 and batch["sum"] == 120  # 4 users: <= 4 per run
+    assert 1 <= batch["mean"] <= 4 and batch["sum"] == 120  # 4 users: <= 4 per batch
     assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
     assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
     assert out.with_suffix(".png").stat().st_size > 10_000
