@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--ks", default="1,2,4,8,16")
     ap.add_argument("--zero-shot-pool", type=int, default=32)
+    ap.add_argument("--rank", default="importance", choices=["contrast", "effect", "importance"],
+                    help="label-based latent ranking (steerprune steer --rank)")
     ap.add_argument("--eps", default="0,0.005,0.01,0.015,0.02")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plans", help="re-apply the grid to the plans stored in an earlier --out file (no planning)")
@@ -57,17 +59,18 @@ def main() -> int:
     run = load_run(args.run, need=("backbone", "policy", "sae"))
     data = run.load_data()
     val = ValData(data.val.images, data.val.labels)
+    train = ValData(data.train.images, data.train.labels)  # the importance ranking's images, as `steerprune steer`
     if args.plans:
         stored = json.loads(Path(args.plans).read_text())
         plans, seconds = stored.get("plans", stored), stored.get("seconds")
     else:
-        cfg = SteerConfig(ks=ks, zero_shot_pool=args.zero_shot_pool)
+        cfg = SteerConfig(ks=ks, zero_shot_pool=args.zero_shot_pool, rank=args.rank)
         shared: dict = {}
         plans, seconds = {}, {}
         for strategy in ("per-class", "zero-shot"):
             t0 = time.time()
             got = plan_routes(run, val, make_routes(data.class_names, None), cfg, strategy=strategy, shared=shared,
-                              log=lambda *_: None)
+                              log=lambda *_: None, rank_data=train)
             plans[strategy] = {p.route.name: p.val for p in got}
             seconds[strategy] = round(time.time() - t0, 1)
     rows = grid(plans, sorted({k for k in ks if k >= 4} | {max(ks)}), [float(e) for e in args.eps.split(",")])
@@ -79,7 +82,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run": args.run, "split": "val", "val_images": len(val.labels), "ks": ks,
-                               "zero_shot_pool": args.zero_shot_pool, "seconds": seconds, "grid": rows,
+                               "zero_shot_pool": args.zero_shot_pool, "rank": args.rank, "seconds": seconds, "grid": rows,
                                "plans": plans}, indent=1, default=float))
     return 0
 

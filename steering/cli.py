@@ -29,8 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "random-latent and threshold controls. Writes RUN/steering/.")
     p.add_argument("run", help="run directory from `steerprune train`")
     p.add_argument("--strategy", default="per-class", choices=["per-class", "zero-shot", "global", "random"])
-    p.add_argument("--rank", default=None, choices=["contrast", "effect"],
-                   help="label-based latent ranking: effect on the policy's keep logits (default) or class contrast")
+    p.add_argument("--rank", default=None, choices=["contrast", "effect", "importance"],
+                   help="label-based latent ranking: effect on the policy's keep logits (default), that effect "
+                        "weighted by how little the route needs each head (importance), or class contrast")
+    p.add_argument("--rank-images", type=int, help="train images per route for the importance ranking (default 512)")
     p.add_argument("--groups", dest="groups_path", metavar="FILE",
                    help="JSON {group: [class names or indices]}: one route per group, mask from the union")
     p.add_argument("--data-groups", action="store_true", help="route by the dataset's groups (CIFAR-100 coarse classes)")
@@ -59,7 +61,7 @@ def _steer(args) -> int:
         torch.set_num_threads(args.threads)
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
-    opts = {k: getattr(args, k) for k in ("rank", "layers", "ks", "alphas", "tau", "aggregate", "eps", "seed",
+    opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps", "seed",
                                               "zero_shot_pool")
             if getattr(args, k) is not None}
     if args.no_label_free:

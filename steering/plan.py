@@ -1,7 +1,8 @@
 """Route planning on the validation split: which latents, which alpha and k, and the resulting static masks.
 
-`plan_routes` receives the run's model, SAEs and a `ValData`; the test split never reaches it, so nothing it chooses
-(latents, k, alpha, masks, the controls' thresholds) can depend on test images.
+`plan_routes` receives the run's model, SAEs, a `ValData` and, for the `importance` ranking, a sample of the train
+split (`rank_data`); the test split never reaches it, so nothing it chooses (latents, k, alpha, masks, the controls'
+thresholds) can depend on test images.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ from steerprune.training.train import run_model
 
 from .masks import (AGGREGATES, Candidate, MaskEval, ValData, aggregate, head_usage, match_usage, select_candidate,
                     threshold_candidates)
-from .steer import (Steering, class_directions, encode_layers, random_latents, weighted_effects, rank_contrast,
-                    rank_effect, rank_usage, rank_zero_shot, route_direction, steer_fn, top_k)
+from .steer import (Steering, class_directions, encode_layers, head_importance, importance_weights, random_latents,
+                    weighted_effects, rank_contrast, rank_effect, rank_usage, rank_zero_shot, route_direction, steer_fn,
+                    top_k)
 
 __all__ = ["STRATEGIES", "RANKINGS", "SteerConfig", "Route", "RoutePlan", "make_routes", "load_groups", "plan_routes"]
 
 STRATEGIES = ("per-class", "zero-shot", "global", "random")
-RANKINGS = ("contrast", "effect")
+RANKINGS = ("contrast", "effect", "importance")
 
 
 @dataclass
@@ -34,8 +36,12 @@ class SteerConfig:
     """per-class (label-based latents per route), zero-shot (label-free: decoder rows vs the classifier's class
     direction), global (one latent set and alpha for every route), random (random firing latents per route)."""
     rank: str = "effect"
-    """Label-based ranking for per-class/global: 'contrast' (fires more on the route's classes than on others) or
-    'effect' (on the route's images, amplifying it lowers the policy's keep logits the most)."""
+    """Label-based ranking for per-class/groups: 'contrast' (fires more on the route's classes than on others),
+    'effect' (on the route's val images, scaling it lowers the policy's keep logits the most) or 'importance' (effect
+    with each head weighted by how little the route needs it, estimated on `rank_images` train images of the route).
+    'global' ranks by effect unless 'contrast' asks for its usage correlation."""
+    rank_images: int = 512
+    """Train images per route (seeded sample) on which the importance ranking estimates how much each head matters."""
     layers: Optional[list[int]] = None
     """Gated layers to steer; default every gated layer with an SAE (the paper's setting is the last one alone)."""
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -75,6 +81,8 @@ class SteerConfig:
             raise UserError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
         if not 0.0 < self.tau <= 1.0:
             raise UserError(f"tau must be in (0, 1], got {self.tau}")
+        if self.rank_images < 1:
+            raise UserError(f"rank_images must be >= 1, got {self.rank_images}")
         if self.zero_shot_pool < 0:
             raise UserError(f"zero_shot_pool must be >= 0, got {self.zero_shot_pool}")
         if not self.ks or min(self.ks) < 1:
@@ -152,8 +160,11 @@ def make_routes(class_names: list[str], groups: Optional[dict[str, list[int]]]) 
 class _Chooser:
     """Latent sets per (route, k, sign) for one strategy, from val statistics only."""
 
-    def __init__(self, run, val: ValData, cfg: SteerConfig, layers: list[int], strategy: str, base):
+    def __init__(self, run, val: ValData, cfg: SteerConfig, layers: list[int], strategy: str, base,
+                 baselines: Optional[dict[str, np.ndarray]] = None, rank_data: Optional[ValData] = None):
         self.run, self.cfg, self.layers, self.strategy = run, cfg, layers, strategy
+        self.baselines, self.rank_data = baselines, rank_data
+        self._weights: dict = {}
         gated = run.policy.cfg.gated_layers
         self.stats = encode_layers(run.saes, base.policy_inputs, gated, layers)
         self.labels = val.labels
@@ -176,9 +187,11 @@ class _Chooser:
             out[pool] = rank_effect(self.effects(route, layer, predicted=True), sign)[pool]
             return out
         if self.strategy == "global":
-            return rank_effect(self.effects(None, layer), sign) if self.cfg.rank == "effect" else rank_usage(Z, self.usage)
+            return rank_usage(Z, self.usage) if self.cfg.rank == "contrast" else rank_effect(self.effects(None, layer), sign)
         if self.cfg.rank == "effect":
             return rank_effect(self.effects(route, layer), sign)
+        if self.cfg.rank == "importance":
+            return rank_effect(self.effects(route, layer), sign, self.weights(route)[layer])
         return rank_contrast(Z, self.labels, route.classes)
 
     def effects(self, route: Optional[Route], layer: int, predicted: bool = False) -> np.ndarray:
@@ -196,6 +209,22 @@ class _Chooser:
             self._effects[key] = weighted_effects(self.run.policy, self.gated.index(layer), self.run.saes[layer],
                                                   self.stats.inputs[layer][idx], self.stats.latents[layer][idx])
         return self._effects[key]
+
+    def weights(self, route: Route) -> np.ndarray:
+        """(depth, H) `importance_weights` of the route's heads, from its train images and its unsteered static mask."""
+        if route.name not in self._weights:
+            data = self.rank_data if self.rank_data is not None else self.val
+            idx = data.route(route.classes)
+            if len(idx) == 0:
+                raise UserError(f"route {route.name!r} has no images to rank latents by head importance")
+            rng = np.random.default_rng([self.cfg.seed, zlib.crc32(route.name.encode())])
+            idx = np.sort(rng.choice(idx, size=min(self.cfg.rank_images, len(idx)), replace=False))
+            if self.baselines is None or route.name not in self.baselines:
+                raise ValueError(f"the importance ranking needs route {route.name!r}'s unsteered static mask")
+            mask = self.baselines[route.name]
+            imp = head_importance(self.run.model, data.images[idx], data.labels[idx], self.run.backbone, mask)
+            self._weights[route.name] = importance_weights(imp, mask, self.gated)
+        return self._weights[route.name]
 
     def latents(self, route: Route, k: int, alpha: float) -> dict[int, list[int]]:
         if self.strategy == "random":  # the same draw for every alpha of a (route, k): only alpha and k are chosen
@@ -216,8 +245,11 @@ def _steered_mask(run, val: ValData, idx: np.ndarray, steering: Steering, cfg: S
 
 
 def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strategy: Optional[str] = None,
-                log=print, shared: Optional[dict] = None) -> list[RoutePlan]:
+                log=print, shared: Optional[dict] = None, rank_data: Optional[ValData] = None) -> list[RoutePlan]:
     """Choose latents, k and alpha per route (or once, for 'global') on val, and derive every static mask.
+
+    rank_data: the train split (or any labelled images other than val) on which the `importance` ranking measures
+    how much each head matters to a route; None measures it on val (then val both ranks and chooses).
 
     shared: a dict reused across calls on the same run and val split (e.g. label-based then label-free planning):
     it keeps the unsteered forward, the threshold control's forwards and the mask accuracies, which do not depend
@@ -233,7 +265,6 @@ def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strate
         shared["base"] = run_model(run.model, val.images, run.backbone, keep_inputs=True)
         shared["evals"] = MaskEval(run.model, val.images, val.labels, run.backbone)
     base, evals = shared["base"], shared["evals"]
-    chooser = _Chooser(run, val, cfg, layers, strategy, base)
     route_idx = {r.name: val.route(r.classes) for r in routes}
     for r in routes:
         if len(route_idx[r.name]) == 0:
@@ -241,6 +272,7 @@ def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strate
     baseline = {r.name: aggregate(base.masks[route_idx[r.name]], base.keep_logits[route_idx[r.name]], gated, cfg.tau,
                                   cfg.aggregate) for r in routes}
     base_acc = {r.name: evals.acc(baseline[r.name], route_idx[r.name]) for r in routes}
+    chooser = _Chooser(run, val, cfg, layers, strategy, base, baseline, rank_data)
 
     # every candidate (k, alpha) for every route, evaluated on the route's val images
     cands: dict[str, list[Candidate]] = {}

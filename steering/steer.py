@@ -13,6 +13,10 @@ Strategies rank latents per layer:
   predicts as the class, which still reads no label.
 - effect: how far amplifying the latent moves the keep logits toward dropping heads on the route's images:
   −Σ_h E_route[z_i J(x) W_dec[i]], J the Jacobian of the policy's LayerNorm + Linear at each image.
+- importance (label-based): effect, with each head weighted by how dispensable it is to the route:
+  a first-order (Taylor) estimate of how much the route's loss rises when the head is dropped from its unsteered
+  static mask, measured on a seeded sample of the route's *train* images (so the val split that chooses k and alpha
+  does not also rank). Latents that lower the keep logits of dispensable heads score up; of important heads, down.
 - usage (global): correlation of the latent's activation with low per-image head usage.
 - random: latents drawn from those that fire on the route's images (a control that can move the policy at all).
 """
@@ -29,8 +33,8 @@ from steerprune.training.sae import TopKSAE
 
 __all__ = [
     "Steering", "steer_fn", "steer_input", "LayerLatents", "encode_layers", "class_directions", "route_direction",
-    "policy_jacobian", "latent_effects", "weighted_effects", "rank_contrast", "rank_zero_shot", "rank_effect", "rank_usage",
-    "random_latents", "top_k",
+    "policy_jacobian", "latent_effects", "weighted_effects", "head_importance", "importance_weights", "rank_contrast",
+    "rank_zero_shot", "rank_effect", "rank_usage", "random_latents", "top_k",
 ]
 
 
@@ -162,6 +166,40 @@ def weighted_effects(policy, j: int, sae: TopKSAE, inputs: np.ndarray, Z: np.nda
     return first - A.T @ (xh @ M.T) / (N * D)
 
 
+def head_importance(model, images: np.ndarray, targets: np.ndarray, bcfg, mask: np.ndarray,
+                    batch_size: int = 128) -> np.ndarray:
+    """(depth, H): first-order rise of the mean cross-entropy (w.r.t. `targets`) when each head is switched off from
+    the static `mask`, −∂L/∂m at m = mask. Positive: the head matters to these images; negative: dropping it helps.
+    For a head the mask already drops it is the first-order gain of switching it back on, negated."""
+    import torch.nn.functional as F
+
+    from steerprune.training.train import to_tensor
+
+    model.eval()
+    m = torch.tensor(np.asarray(mask), dtype=torch.float32, requires_grad=True)  # (depth, H)
+    grad = torch.zeros_like(m)
+    for s in range(0, len(images), batch_size):
+        x = to_tensor(images[s:s + batch_size], bcfg)
+        y = torch.as_tensor(np.asarray(targets[s:s + batch_size]), dtype=torch.long)
+        loss = F.cross_entropy(model(x, head_mask=m).logits.float(), y, reduction="sum")
+        grad += torch.autograd.grad(loss, m)[0]
+    return (-grad / max(len(images), 1)).numpy()
+
+
+def importance_weights(importance: np.ndarray, mask: np.ndarray, gated: list[int]) -> np.ndarray:
+    """(depth, H) weight of each head's keep-logit change in the `importance` ranking: for heads the mask keeps,
+    (median − importance) / std over the kept gated heads (> 0: dispensable, lowering its logit is wanted; < 0:
+    important, lowering it is penalised); heads the mask already drops get 1 (keeping them off is wanted too)."""
+    mask = np.asarray(mask).astype(bool)
+    w = np.ones(mask.shape, dtype=np.float64)
+    kept = np.zeros_like(mask)
+    kept[gated] = mask[gated]
+    if kept.any():
+        vals = importance[kept]
+        w[kept] = (np.median(vals) - vals) / (vals.std() + 1e-12)
+    return w
+
+
 # ---------------------------------------------------------------------------------------------- rankings
 
 def top_k(scores: np.ndarray, k: int) -> list[int]:
@@ -187,10 +225,11 @@ def rank_zero_shot(W_dec: np.ndarray, direction: np.ndarray) -> np.ndarray:
     return num / (np.linalg.norm(W_dec, axis=1) * np.linalg.norm(direction)).clip(1e-12)
 
 
-def rank_effect(effects: np.ndarray, sign: float) -> np.ndarray:
+def rank_effect(effects: np.ndarray, sign: float, weights: Optional[np.ndarray] = None) -> np.ndarray:
     """How far scaling a latent lowers the keep logits summed over heads (m,), from `weighted_effects` on the route's
-    images. sign = +1 for amplification (alpha > 1), −1 for attenuation (alpha < 1): Δlogits ≈ (alpha − 1) e_i."""
-    return -sign * effects.sum(1)
+    images. sign = +1 for amplification (alpha > 1), −1 for attenuation (alpha < 1): Δlogits ≈ (alpha − 1) e_i.
+    weights (H,): per-head weights of that sum (`importance_weights` of the layer); default all 1."""
+    return -sign * (effects.sum(1) if weights is None else effects @ np.asarray(weights, dtype=effects.dtype))
 
 
 def rank_usage(Z: np.ndarray, usage: np.ndarray) -> np.ndarray:

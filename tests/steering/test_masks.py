@@ -76,10 +76,12 @@ def test_match_usage_picks_the_closest_usage_then_the_best_score():
 
 
 def test_choices_receive_only_val_data():
-    """Structural: the planner's only data argument is a ValData (images + labels of the val split)."""
+    """Structural: the planner's data arguments are ValData (images + labels): the val split, which chooses, and
+    rank_data, the train split, on which the importance ranking measures heads. No test split, no whole dataset."""
     params = inspect.signature(plan_routes).parameters
-    assert [p for p in params if p in ("val", "test", "data", "bundle")] == ["val"]
+    assert [p for p in params if p in ("val", "test", "data", "bundle", "rank_data")] == ["val", "rank_data"]
     assert params["val"].annotation in (ValData, "ValData")
+    assert "ValData" in str(params["rank_data"].annotation)
     assert set(ValData.__dataclass_fields__) == {"images", "labels"}
 
 

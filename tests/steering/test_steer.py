@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from steerprune.steering.steer import (Steering, class_directions, latent_effects, policy_jacobian,  # noqa: E402
-                                       rank_contrast, rank_effect, rank_zero_shot, random_latents, steer_fn, steer_input, top_k,
+from steerprune.steering.steer import (Steering, class_directions, head_importance, importance_weights,  # noqa: E402
+                                       latent_effects, policy_jacobian, rank_contrast, rank_effect, rank_zero_shot, random_latents, steer_fn, steer_input, top_k,
                                        weighted_effects)
 from steerprune.training.run import load_run  # noqa: E402
 from steerprune.training.train import run_model  # noqa: E402
@@ -142,6 +142,12 @@ def test_rankings_on_known_inputs():
     effects = np.array([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])  # amplifying latent 0 lowers both heads' logits
     assert top_k(rank_effect(effects, +1.0), 1) == [0]
     assert top_k(rank_effect(effects, -1.0), 1) == [1]  # attenuating latent 1 lowers them
+    # weighted: latent 0 lowers head 0 (dispensable, weight 1) and raises head 1 (important, weight -1); latent 2
+    # lowers both: unweighted 2 wins, weighted 0 wins
+    effects = np.array([[-1.0, 0.5], [0.0, 0.0], [-1.0, -1.0]])
+    assert top_k(rank_effect(effects, +1.0), 1) == [2]
+    assert top_k(rank_effect(effects, +1.0, np.array([1.0, -1.0])), 1) == [0]
+    np.testing.assert_allclose(rank_effect(effects, -1.0, np.ones(2)), rank_effect(effects, -1.0))
     rng = np.random.default_rng(0)
     assert set(random_latents(Z[:2], 2, rng)) == {0, 2}  # only latents that fire on these images
 
@@ -179,3 +185,73 @@ def test_mask_eval_on_a_subset_equals_the_full_set_rows(run, val):
     full = MaskEval(run.model, val.images, val.labels, run.backbone)
     np.testing.assert_array_equal(sub_preds, full.preds(mask)[idx])
     assert sub.acc(mask, idx) == full.acc(mask, idx) == float((full.preds(mask)[idx] == 4).mean())
+
+
+def test_importance_weights_rank_kept_heads_and_favour_dropping_dropped_ones():
+    gated = [1, 2]
+    mask = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1]])
+    imp = np.array([[9.0, 9.0, 9.0], [0.3, 0.1, 5.0], [5.0, 0.2, -0.4]])
+    w = importance_weights(imp, mask, gated)
+    np.testing.assert_array_equal(w[0], 1.0)  # ungated layer: never steered, weight unused
+    assert w[1, 2] == 1.0 and w[2, 0] == 1.0  # already dropped: keeping them off is wanted
+    kept = [w[1, 0], w[1, 1], w[2, 1], w[2, 2]]  # importances 0.3, 0.1, 0.2, -0.4 (median 0.15)
+    assert np.argsort(kept).tolist() == [0, 2, 1, 3]  # the more a head matters, the lower its weight
+    assert kept[0] < 0 < kept[1]
+
+
+def test_head_importance_is_the_loss_rise_of_dropping_a_head(run, val):
+    """−dL/dm from autograd equals a finite difference of the real loss along each tested head's gate."""
+    from steerprune.training.train import to_tensor
+
+    images, labels = val.images[:64], val.labels[:64]
+    gated = run.policy.cfg.gated_layers
+    mask = np.ones((run.model.depth, run.model.num_heads))
+    mask[gated[0], 0] = 0.0
+    imp = head_importance(run.model, images, labels, run.backbone, mask, batch_size=24)
+    assert imp.shape == mask.shape and np.isfinite(imp).all() and np.abs(imp).max() > 1e-4
+
+    x, y = to_tensor(images, run.backbone), torch.as_tensor(labels)
+
+    @torch.no_grad()
+    def loss(m):
+        out = run.model(x, head_mask=torch.as_tensor(m, dtype=torch.float32))
+        return float(torch.nn.functional.cross_entropy(out.logits.float(), y))
+
+    d = 1e-2
+    for l, h in [(gated[0], 0), (gated[0], 1), (gated[-1], 2)]:
+        lo, hi = mask.copy(), mask.copy()
+        lo[l, h] -= d
+        hi[l, h] += d
+        fd = -(loss(hi) - loss(lo)) / (2 * d)
+        assert abs(fd - imp[l, h]) < 1e-3 + 0.05 * abs(fd), (l, h, fd, imp[l, h])
+
+
+def test_importance_ranking_weighs_heads_from_the_rank_data(run, val):
+    """The importance ranking measures heads on rank_data (the train split in the pipeline) and picks latents the
+    unweighted effect ranking does not always pick."""
+    from steerprune.steering.masks import ValData, aggregate
+    from steerprune.steering.plan import Route, SteerConfig, _Chooser
+
+    data = run.load_data()
+    gated = run.policy.cfg.gated_layers
+    base = run_model(run.model, val.images, run.backbone, keep_inputs=True)
+    v = ValData(val.images, val.labels)
+    routes = [Route(str(c), [c]) for c in range(3)]
+    baselines = {r.name: aggregate(base.masks[v.route(r.classes)], base.keep_logits[v.route(r.classes)], gated)
+                 for r in routes}
+    train = ValData(data.train.images, data.train.labels)
+    cfg = SteerConfig(rank="importance", rank_images=64)
+    layers = sorted(run.saes)
+    imp = _Chooser(run, v, cfg, layers, "per-class", base, baselines, train)
+    eff = _Chooser(run, v, SteerConfig(rank="effect"), layers, "per-class", base)
+    picks_imp = [imp.latents(r, 4, 0.0) for r in routes]
+    picks_eff = [eff.latents(r, 4, 0.0) for r in routes]
+    assert all(len(p[l]) == 4 for p in picks_imp for l in layers)
+    assert picks_imp != picks_eff
+    # the weights are those of the route's train sample: from val images instead they differ
+    on_val = _Chooser(run, v, cfg, layers, "per-class", base, baselines, None)
+    assert not np.allclose(imp.weights(routes[0]), on_val.weights(routes[0]))
+    w = imp.weights(routes[0])
+    np.testing.assert_array_equal(w[[l for l in range(run.model.depth) if l not in gated]], 1.0)
+    with pytest.raises(ValueError, match="unsteered static mask"):
+        _Chooser(run, v, cfg, layers, "per-class", base).latents(routes[0], 2, 0.0)
