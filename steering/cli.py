@@ -61,8 +61,8 @@ def _steer(args) -> int:
         torch.set_num_threads(args.threads)
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
-    opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps", "seed",
-                                              "zero_shot_pool")
+    opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps",
+                                          "seed", "zero_shot_pool")
             if getattr(args, k) is not None}
     if args.no_label_free:
         opts["compare_label_free"] = False

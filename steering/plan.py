@@ -213,15 +213,15 @@ class _Chooser:
     def weights(self, route: Route) -> np.ndarray:
         """(depth, H) `importance_weights` of the route's heads, from its train images and its unsteered static mask."""
         if route.name not in self._weights:
+            if self.baselines is None or route.name not in self.baselines:
+                raise ValueError(f"the importance ranking needs route {route.name!r}'s unsteered static mask")
+            mask = self.baselines[route.name]
             data = self.rank_data if self.rank_data is not None else self.val
             idx = data.route(route.classes)
             if len(idx) == 0:
                 raise UserError(f"route {route.name!r} has no images to rank latents by head importance")
             rng = np.random.default_rng([self.cfg.seed, zlib.crc32(route.name.encode())])
             idx = np.sort(rng.choice(idx, size=min(self.cfg.rank_images, len(idx)), replace=False))
-            if self.baselines is None or route.name not in self.baselines:
-                raise ValueError(f"the importance ranking needs route {route.name!r}'s unsteered static mask")
-            mask = self.baselines[route.name]
             imp = head_importance(self.run.model, data.images[idx], data.labels[idx], self.run.backbone, mask)
             self._weights[route.name] = importance_weights(imp, mask, self.gated)
         return self._weights[route.name]

@@ -27,9 +27,11 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from steerprune.training.model import PolicyInputFn
 from steerprune.training.sae import TopKSAE
+from steerprune.training.train import to_tensor
 
 __all__ = [
     "Steering", "steer_fn", "steer_input", "LayerLatents", "encode_layers", "class_directions", "route_direction",
@@ -170,11 +172,7 @@ def head_importance(model, images: np.ndarray, targets: np.ndarray, bcfg, mask: 
                     batch_size: int = 128) -> np.ndarray:
     """(depth, H): first-order rise of the mean cross-entropy (w.r.t. `targets`) when each head is switched off from
     the static `mask`, −∂L/∂m at m = mask. Positive: the head matters to these images; negative: dropping it helps.
-    For a head the mask already drops it is the first-order gain of switching it back on, negated."""
-    import torch.nn.functional as F
-
-    from steerprune.training.train import to_tensor
-
+    (For a head the mask already drops, it is minus the first-order gain of switching the head back on.)"""
     model.eval()
     m = torch.tensor(np.asarray(mask), dtype=torch.float32, requires_grad=True)  # (depth, H)
     grad = torch.zeros_like(m)
