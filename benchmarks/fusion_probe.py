@@ -27,7 +27,7 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(sess, x: np.ndarray, runs: int) -> list[float]:
+def _times_ms(sess, x: np.ndarray, runs: int) -> list[float]:
     feed = {sess.get_inputs()[0].name: x}
     times = []
     for _ in range(runs):
@@ -82,8 +82,8 @@ def main() -> int:
                           "times_ms": [], "times_fused_ms": []}
         for _ in range(args.rounds):  # interleaved, so drift hits every model alike
             for name, (plain_s, fused_s) in sessions.items():
-                rows[name]["times_ms"] += _median_ms(plain_s, x, args.runs)
-                rows[name]["times_fused_ms"] += _median_ms(fused_s, x, args.runs)
+                rows[name]["times_ms"] += _times_ms(plain_s, x, args.runs)
+                rows[name]["times_fused_ms"] += _times_ms(fused_s, x, args.runs)
     for name, row in rows.items():
         row["median_ms"] = round(float(np.median(row.pop("times_ms"))), 4)
         row["median_fused_ms"] = round(float(np.median(row.pop("times_fused_ms"))), 4)

@@ -1,11 +1,14 @@
 """Choose the steering selection settings (largest k, eps) on the validation split alone.
 
     python benchmarks/steering_val_grid.py runs/cifar10 --out benchmarks/results/steering_val_grid_cifar10.json
+    python benchmarks/steering_val_grid.py runs/cifar10 --rank importance \
+        --out benchmarks/results/steering_val_grid_cifar10_importance.json
 
 Plans every route once, label-based and label-free, with the widest grid (`--ks`, default 1,2,4,8,16), then re-applies
 the selection rule (lowest head usage whose route val accuracy is at most eps below the unsteered static mask's)
 for each largest k and eps, and prints the mean val usage cut, the mean val accuracy change and the share of the
-label-based cut that label-free steering recovers. Test images are never loaded: `plan_routes` sees only val.
+label-based cut that label-free steering recovers. Test images are never loaded: `plan_routes` sees val, and with
+`--rank importance` train images, on which it measures how much each head matters (they rank; val chooses).
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--ks", default="1,2,4,8,16")
     ap.add_argument("--zero-shot-pool", type=int, default=32)
-    ap.add_argument("--rank", default="importance", choices=["contrast", "effect", "importance"],
-                    help="label-based latent ranking (steerprune steer --rank)")
+    ap.add_argument("--rank", default="effect", choices=["contrast", "effect", "importance"],
+                    help="label-based latent ranking, as `steerprune steer --rank` (default: its default, effect)")
     ap.add_argument("--eps", default="0,0.005,0.01,0.015,0.02")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plans", help="re-apply the grid to the plans stored in an earlier --out file (no planning)")
