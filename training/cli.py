@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gated-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--finetune-backbone", action=argparse.BooleanOptionalAction, default=None,
                    help="train the backbone jointly with the policy (default: the preset's choice)")
+    p.add_argument("--policy-lr", type=float, help="policy learning rate")
+    p.add_argument("--finetune-lr", type=float, help="backbone learning rate during joint tuning (default: --lr / 10)")
     p.add_argument("--sae-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--sae-k", type=int)
     p.add_argument("--sae-expansion", type=int)
@@ -57,7 +59,7 @@ def train_config_from_args(args):
     overrides = {k: getattr(args, k) for k in (
         "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr", "amp",
         "policy_epochs", "target_usage", "policy_noise_end", "distill_weight", "layer_targets", "layer_weight", "temperature", "gated_layers", "finetune_backbone",
-        "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
+        "policy_lr", "finetune_lr", "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
     return TrainConfig.for_preset(preset, **overrides)
 
 

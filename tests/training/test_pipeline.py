@@ -136,6 +136,34 @@ def test_negative_distill_weight_is_refused():
         TrainConfig(distill_weight=-1.0)
 
 
+def test_finetune_lr_sets_how_far_joint_tuning_moves_the_backbone(tiny_run):
+    from steerprune.training.model import build_vit
+    from steerprune.training.train import train_policy
+
+    from ..conftest import tiny_train_config
+
+    run = load_run(tiny_run, need=("backbone",))
+    data = run.load_data()
+    start = {k: v.clone() for k, v in run.vit.state_dict().items()}
+    moved = {}
+    for lr in (1e-6, 1e-3):
+        vit = build_vit(run.backbone)
+        vit.load_state_dict(start)
+        train_policy(vit, data, tiny_train_config(policy_epochs=1, finetune_lr=lr), run.backbone, log=lambda *_: None)
+        moved[lr] = float(sum((v - start[k]).abs().sum() for k, v in vit.state_dict().items() if v.is_floating_point()))
+    assert 0 < moved[1e-6] < 0.01 * moved[1e-3], moved
+
+
+def test_non_positive_learning_rates_are_refused():
+    from steerprune.errors import UserError
+    from steerprune.training.train import TrainConfig
+
+    with pytest.raises(UserError, match="finetune_lr"):
+        TrainConfig(finetune_lr=0.0)
+    with pytest.raises(UserError, match="policy_lr"):
+        TrainConfig(policy_lr=-1e-3)
+
+
 def test_policy_noise_anneals_linearly_to_the_configured_end(tiny_run, monkeypatch):
     from steerprune.training import policy as policy_mod
     from steerprune.training.model import build_vit
