@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-backbone", action=argparse.BooleanOptionalAction, default=None,
                    help="train the backbone jointly with the policy (default: the preset's choice)")
     p.add_argument("--policy-lr", type=float, help="policy learning rate")
-    p.add_argument("--finetune-lr", type=float, help="backbone learning rate during joint tuning (default: --lr / 10)")
+    p.add_argument("--finetune-lr", type=float, help="backbone learning rate during joint tuning (default: the preset's; cifar 3e-4, else --lr / 10)")
     p.add_argument("--sae-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--sae-k", type=int)
     p.add_argument("--sae-expansion", type=int)

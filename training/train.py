@@ -52,6 +52,7 @@ class TrainConfig:
     """'bf16' runs forward passes under CPU/GPU bf16 autocast; 'none' is fp32."""
     policy_epochs: int = 30
     policy_lr: float = 3e-3
+    """Learning rate of the policy's gates (cosine to 0 over the policy epochs)."""
     finetune_backbone: bool = False
     """Train the backbone jointly with the policy instead of freezing it (AdaViT trains jointly;
     on digits the frozen backbone lost 6 points at usage 0.5, the jointly tuned one 1-2)."""
