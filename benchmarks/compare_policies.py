@@ -11,20 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from math import comb
 
 import numpy as np
-
-
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant counts."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def main() -> int:
     import torch
 
+    from steerprune.steering.report import mcnemar_p
     from steerprune.training.run import load_run
     from steerprune.training.train import run_model
 

@@ -293,7 +293,7 @@ def train_policy(vit: nn.Module, data: DataBundle, tcfg: TrainConfig, bcfg: Back
     model = GatedViT(vit, policy)
     params = [{"params": policy.parameters(), "lr": tcfg.policy_lr}]
     if tcfg.finetune_backbone:
-        params.append({"params": vit.parameters(), "lr": tcfg.finetune_lr or tcfg.lr / 10})
+        params.append({"params": vit.parameters(), "lr": tcfg.lr / 10 if tcfg.finetune_lr is None else tcfg.finetune_lr})
     else:
         vit.requires_grad_(False)
     opt = torch.optim.AdamW(params, weight_decay=0.0)
