@@ -163,7 +163,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before an unanswered request gets 504")
     p.add_argument("--gc-gen2-threshold", type=int, default=1000,
-                   help="Python's third GC threshold in the worker (Python's default 10; see README, Service)")
+                   help="with --gc-young-ms 0: Python's third GC threshold in the worker (Python's default 10; "
+                        "see README, Service)")
+    p.add_argument("--gc-young-ms", type=float, default=20.0,
+                   help="collect Python's young generations on this clock in the worker, CPython's automatic "
+                        "collection off (0: CPython's own; see README, Service)")
+    p.add_argument("--gc-full-s", type=float, default=600.0,
+                   help="full garbage collections on this clock while --gc-young-ms runs")
     p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
     p.add_argument("--inline-ms", type=float, default=1.0,
@@ -206,7 +212,8 @@ def _serve(args) -> int:
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
                   threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
-                  gc_gen2_threshold=args.gc_gen2_threshold, inline_ms=args.inline_ms)
+                  gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
+                  gc_full_s=args.gc_full_s, inline_ms=args.inline_ms)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -355,9 +355,10 @@ def _get_json(host: str, port: int, path: str) -> tuple[int, dict]:
     return status, (json.loads(body) if status == 200 and path != "/readyz" else {})
 
 
-# The server's own histograms (service.py): time inside the /classify handler, and images per batch.
+# The server's own histograms (service.py): time inside the /classify handler, images per batch, and GC pauses.
 SERVER_HISTOGRAMS = {"handler_ms": ("steerprune_request_duration_seconds", 1000.0),
-                     "batch_size": ("steerprune_batch_size", 1.0)}
+                     "batch_size": ("steerprune_batch_size", 1.0),
+                     "gc_pause_ms": ("steerprune_gc_pause_seconds", 1000.0)}
 
 
 def scrape_histograms(host: str, port: int) -> dict[str, dict]:
@@ -618,6 +619,11 @@ def _summary(r: dict) -> str:
         lines.append(f"server side: handler mean {handler['mean']:.3f} ms, share over "
                      + ", ".join(f"{b} ms {100 * v:.2f}%" for b, v in over.items())
                      + (f"; {batch['mean']:.2f} images per batch" if batch.get("count") else ""))
+    pauses = r["server_side"].get("gc_pause_ms", {})
+    if pauses.get("count"):
+        over = pauses["share_above"]
+        lines.append(f"server GC: {pauses['count']} collections, {pauses['sum']:.1f} ms in all, over 1 ms "
+                     f"{100 * over.get('1', 0):.2f}%, over 10 ms {100 * over.get('10', 0):.2f}%")
     if "server_rss_mb" in r:
         lines.append(f"server memory (RSS) {r['server_rss_mb']['start']} -> {r['server_rss_mb']['end']} MiB")
     if "inprocess" in r:

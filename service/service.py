@@ -33,6 +33,7 @@ from steerprune.errors import UserError
 from .batching import make_batcher
 from .config import ENV_PREFIX, ServeConfig
 from .engine import FULL, Engine, UnknownHint
+from .gc_schedule import GcClock
 from .preprocess import BadImage, decode_image
 
 __all__ = ["SteerPrune", "app"]
@@ -69,6 +70,16 @@ BATCH = bentoml.metrics.Histogram(
     name="steerprune_batch_size", documentation="Images per batch the batcher hands to the engine (split by model inside)", labelnames=[],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
+GC_PAUSES = bentoml.metrics.Histogram(
+    name="steerprune_gc_pause_seconds", documentation="Python garbage-collection pauses in the worker by generation",
+    labelnames=["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+
+
+def _record_gc_pauses(pauses: list) -> None:
+    for generation, seconds in pauses:
+        GC_PAUSES.labels(generation=str(generation)).observe(seconds)
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, **extra):
@@ -98,6 +109,7 @@ class SteerPrune:
         self.listing = self.engine.describe()
         self.ready = False
         self.warmup_seconds = None
+        self.gc_clock = GcClock(self.cfg.gc_young_ms / 1000.0, self.cfg.gc_full_s, on_pauses=_record_gc_pauses)
         # warm up in the background so /livez answers while /readyz still says 503
         threading.Thread(target=self._warm_up, name="steerprune-warmup", daemon=True).start()
 
@@ -114,14 +126,23 @@ class SteerPrune:
         # the collector stops walking it on every full collection under load.
         gc.collect()
         gc.freeze()
-        # Full collections: under load each request leaves ~20 live objects behind for a while (BentoML's
-        # TimeoutMiddleware keeps a timer, with the request's context, for the whole traffic timeout), so every full
-        # collection walks more of them; at 465 req/s they ran every ~2 s, took 6-190 ms and were the p99 tail.
+        # With CPython's automatic collection (gc_young_ms 0): under load each request leaves ~8 live objects behind
+        # for a while (BentoML's TimeoutMiddleware keeps a timer, with the request's context, for the whole traffic
+        # timeout), so every full collection walks more of them; at 465 req/s they ran every ~2 s, took 6-190 ms and
+        # were the p99 tail. The GC clock (gc_schedule.py) replaces this when it runs.
         g0, g1, _ = gc.get_threshold()
         gc.set_threshold(g0, g1, self.cfg.gc_gen2_threshold)
         sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
         log.info("warm-up done in %.2f s; ready", self.warmup_seconds)
         self.ready = True
+
+    @bentoml.on_startup
+    async def _start_gc_clock(self) -> None:  # async: runs on the worker's event loop, where the clock ticks
+        self.gc_clock.start(asyncio.get_running_loop())
+
+    @bentoml.on_shutdown
+    def _stop_gc_clock(self) -> None:
+        self.gc_clock.stop()
 
     async def __is_ready__(self) -> bool:  # async: BentoML then skips a thread hop per probe
         return self.ready
@@ -298,7 +319,11 @@ async def routes_endpoint(request: Request):
     return JSONResponse(dict(svc.listing, ready=svc.ready, batcher=svc.cfg.batcher,
                              max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds,
                              inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms,
-                             gc_threshold=list(gc.get_threshold())))
+                             gc_threshold=list(gc.get_threshold()),
+                             gc_clock=dict(young_ms=svc.cfg.gc_young_ms if svc.gc_clock.scheduled else 0,
+                                           full_s=svc.cfg.gc_full_s, automatic=gc.isenabled(),
+                                           young_collections=svc.gc_clock.young_collections,
+                                           full_collections=svc.gc_clock.full_collections)))
 
 
 app = Starlette(routes=[

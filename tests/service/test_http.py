@@ -72,7 +72,10 @@ def test_probes_and_routes_listing(server, tiny_bundle):
     assert sorted(body["sessions"][m["routes"]["0"]["model"]]["routes"]) == ["0", "1"]
     assert body["routes"]["3"]["model"] == body["full"]["model"]
     assert body["device"] == "cpu" and body["hint_mode"] == "verify"
-    assert body["gc_threshold"][2] == 1000 and body["pad_batches"] is False  # set once warm; no padding on the CPU
+    assert body["pad_batches"] is False  # no padding on the CPU
+    # the worker's GC clock runs young collections, CPython's automatic collection off
+    assert body["gc_clock"]["automatic"] is False and body["gc_clock"]["young_ms"] == 20.0
+    assert body["gc_clock"]["young_collections"] > 0
     # warm-up timed every session at every warmed size; batches expected under inline_ms skip the thread hop
     assert body["inline_ms"] == 1.0 and set(body["warm_run_ms"]) == set(body["sessions"])
     assert all(set(t) == {str(b) for b in body["warm_batch_sizes"]} and all(v > 0 for v in t.values())
@@ -238,6 +241,8 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
     shares = list(handler["share_above"].values())
     assert all(0 <= b <= a <= 1 for a, b in zip(shares, shares[1:]))  # a survival curve: never rises
     assert 1 <= batch["mean"] <= 4 and batch["sum"] == 120  # 4 users: <= 4 per batch
+    pauses = report["server_side"]["gc_pause_ms"]  # the GC clock's collections during the run, from /metrics
+    assert pauses["count"] > 0 and 0 < pauses["mean"] < 100
     assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
     assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
     assert out.with_suffix(".png").stat().st_size > 10_000
@@ -250,7 +255,8 @@ def test_metrics_count_routes_fallbacks_and_wrong_hints(server, digits):
     text = requests.get(server.url + "/metrics", timeout=5).text
     names = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if not ln.startswith("#")}
     for name in ("steerprune_requests_total", "steerprune_fallbacks_total", "steerprune_wrong_hints_total",
-                 "steerprune_rejected_total", "steerprune_request_duration_seconds_bucket"):
+                 "steerprune_rejected_total", "steerprune_request_duration_seconds_bucket",
+                 "steerprune_gc_pause_seconds_bucket"):
         assert name in names, name
     assert any(ln.startswith('steerprune_requests_total{') and 'route="0"' in ln for ln in text.splitlines())
     assert any(ln.startswith("bentoml_") for ln in text.splitlines())  # BentoML's own series are still there
@@ -271,7 +277,7 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
 
     port = free_port()
     env = env_for(tiny_bundle, base=server_env(tmp_path), hint_mode="trust", unknown_hint="full", warmup_rounds=60,
-                  verify=False, threads=1, inline_ms=0)
+                  verify=False, threads=1, inline_ms=0, gc_young_ms=0)
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -298,7 +304,11 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
         a = classify(url, two, hint="7").json()
         assert a["route"] == "7" and a["fallback"] is False  # trust mode returns the routed answer
         assert classify(url, two, hint="giraffe").json()["route"] == "full"  # unknown_hint=full
-        assert requests.get(url + "/routes", timeout=10).json()["inline_ms"] == 0
+        listing = requests.get(url + "/routes", timeout=10).json()
+        assert listing["inline_ms"] == 0
+        # gc_young_ms=0: CPython collects on its own trigger, with the third threshold set once warm
+        assert listing["gc_clock"]["automatic"] is True and listing["gc_clock"]["young_collections"] == 0
+        assert listing["gc_threshold"][2] == 1000
         from steerprune.service.loadtest import LoadTestConfig, run_loadtest
 
         # wrong hints are answered by the routed model here: the offline answers must follow the server's mode

@@ -198,6 +198,11 @@ def test_serve_config_env_round_trip_and_validation(tmp_path):
     assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_SWITCH_INTERVAL_MS": "2"}).switch_interval_ms == 2.0
     with pytest.raises(UserError, match="inline_ms"):
         ServeConfig(bundle="x", inline_ms=-1)
+    with pytest.raises(UserError, match="gc_young_ms"):
+        ServeConfig(bundle="x", gc_young_ms=0.5)  # 0 (off) or at least 1 ms
+    with pytest.raises(UserError, match="gc_full_s"):
+        ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_GC_FULL_S": "0"})
+    assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_GC_YOUNG_MS": "0"}).gc_young_ms == 0.0
 
 
 def test_loadtest_is_local_and_bounded():
