@@ -64,18 +64,20 @@ class GcClock:
         return self.young_interval_s if self.scheduled else 0.1
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.scheduled:
-            if time.monotonic() >= self._next_full:
-                gc.collect()
-                self.full_collections += 1
-                self._next_full = time.monotonic() + self.full_interval_s
-            else:
-                gc.collect(1)
-                self.young_collections += 1
-        if self._pauses and self.on_pauses is not None:
-            batch = [self._pauses.popleft() for _ in range(len(self._pauses))]
-            self.on_pauses(batch)
-        self._handle = loop.call_later(self._period(), self._tick, loop)
+        try:
+            if self.scheduled:
+                if time.monotonic() >= self._next_full:
+                    gc.collect()
+                    self.full_collections += 1
+                    self._next_full = time.monotonic() + self.full_interval_s
+                else:
+                    gc.collect(1)
+                    self.young_collections += 1
+            if self._pauses and self.on_pauses is not None:
+                batch = [self._pauses.popleft() for _ in range(len(self._pauses))]
+                self.on_pauses(batch)
+        finally:  # with automatic collection off, a clock that stopped ticking would stop collecting for good
+            self._handle = loop.call_later(self._period(), self._tick, loop)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         generation = info["generation"]

@@ -76,3 +76,21 @@ def test_unscheduled_clock_leaves_collection_to_cpython_and_records_its_pauses()
     _run(clock, 10.0, lambda: (gc.collect(0), gc.collect()), until=lambda: {0, 2} <= {g for g, _ in pauses})
     assert not clock.scheduled and clock.young_collections == clock.full_collections == 0
     assert {0, 2} <= {g for g, _ in pauses}  # CPython's (here: explicit) collections are still measured
+
+
+def test_clock_keeps_collecting_when_recording_fails():
+    def broken(_):
+        raise RuntimeError("metrics backend down")
+
+    errors = []
+
+    def during():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+        refs.extend(_cycle() for _ in range(20))
+
+    refs = []
+    clock = GcClock(0.01, 3600.0, on_pauses=broken)
+    _run(clock, 10.0, during, until=lambda: clock.young_collections >= 5 and len(errors) >= 2)
+    assert clock.young_collections >= 5 and all(isinstance(e, RuntimeError) for e in errors) and len(errors) >= 2
+    assert all(r() is None for r in refs)  # automatic collection is off, yet the cycles were freed
