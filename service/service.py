@@ -320,7 +320,7 @@ async def routes_endpoint(request: Request):
                              max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds,
                              inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms,
                              gc_threshold=list(gc.get_threshold()),
-                             gc_clock=dict(young_ms=svc.cfg.gc_young_ms if svc.gc_clock.scheduled else 0,
+                             gc_clock=dict(young_ms=svc.cfg.gc_young_ms,
                                            full_s=svc.cfg.gc_full_s, automatic=gc.isenabled(),
                                            young_collections=svc.gc_clock.young_collections,
                                            full_collections=svc.gc_clock.full_collections)))
