@@ -220,8 +220,9 @@ class GatedViT(nn.Module):
         )
 
 
-def head_flops(vit: nn.Module, mask) -> dict:
-    """Analytic multiply-accumulate count of `vit` with `mask` (depth x H, 0/1) physically applied.
+def head_flops(vit: nn.Module, mask, mlp_keep=None) -> dict:
+    """Analytic multiply-accumulate count of `vit` with `mask` (depth x H, 0/1) physically applied, and MLP hidden
+    units `mlp_keep` (one list of kept unit indices per block; None keeps every unit).
 
     Counts patch embedding, qkv, attention (QK^T and AV), proj, MLP and head; norms and softmax are ignored.
     """
@@ -231,11 +232,13 @@ def head_flops(vit: nn.Module, mask) -> dict:
     embed = pe.num_patches * pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1] * D
     head = D * vit.num_classes if vit.num_classes else 0
     total = full = embed + head
-    for blk, row in zip(vit.blocks, mask):
+    for i, (blk, row) in enumerate(zip(vit.blocks, mask)):
         attn = blk.attn
         hd = attn.head_dim
         per_head = N * D * 3 * hd + 2 * N * N * hd + N * hd * D  # qkv rows, QK^T + AV, proj columns
-        mlp = N * (blk.mlp.fc1.in_features * blk.mlp.fc1.out_features + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features)
-        total += int(sum(row)) * per_head + mlp
-        full += attn.num_heads * per_head + mlp
+        per_unit = N * (blk.mlp.fc1.in_features + blk.mlp.fc2.out_features)  # its fc1 row and fc2 column
+        hidden = blk.mlp.fc1.out_features
+        kept = hidden if mlp_keep is None else len(mlp_keep[i])
+        total += int(sum(row)) * per_head + kept * per_unit
+        full += attn.num_heads * per_head + hidden * per_unit
     return {"macs": int(total), "full_macs": int(full), "rel": total / full}
