@@ -162,6 +162,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before an unanswered request gets 504")
+    p.add_argument("--max-queue", type=int, default=512,
+                   help="greedy batcher: most queued requests; more get 503 + Retry-After (see docs/overload.md)")
+    p.add_argument("--max-wait-ms", type=float, default=1000.0,
+                   help="greedy batcher: longest wait for a batch to start; a request expected to wait longer gets "
+                        "503 + Retry-After on arrival, one that did is answered 503 unrun (see docs/overload.md)")
     p.add_argument("--gc-gen2-threshold", type=int, default=1000,
                    help="with --gc-young-ms 0: Python's third GC threshold in the worker (Python's default 10; "
                         "see README, Service)")
@@ -213,7 +218,8 @@ def _serve(args) -> int:
                   threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
                   gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
-                  gc_full_s=args.gc_full_s, inline_ms=args.inline_ms)
+                  gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
+                  max_wait_ms=args.max_wait_ms)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -28,7 +28,10 @@ class ServeConfig:
     hint_mode: str = "verify"
     """verify: rerun on the full model when the routed answer contradicts the hint; trust: return the routed answer."""
     min_prob: float = 0.7
-    """verify mode: a routed top-1 probability below this also falls back to the full model."""
+    """verify mode with acceptance 'global': a routed top-1 probability below this also falls back to the full model."""
+    acceptance: str = "route"
+    """verify mode: route (each route's acceptance rule and served flag, chosen at export on validation; a schema-1
+    bundle has none and gets the global rule) | global (every route served with top-1 >= min_prob)."""
     unknown_hint: str = "error"
     """error: an unknown hint is a 400 listing the valid hints; full: answer with the full model."""
     top_k: int = 3
@@ -68,6 +71,14 @@ class ServeConfig:
     period."""
     request_timeout_s: float = 60.0
     """BentoML's traffic timeout: a request still unanswered after this long gets 504."""
+    max_queue: int = 512
+    """greedy batcher: most requests waiting for a batch; a request arriving at a full queue gets 503 with
+    Retry-After before its body is read."""
+    max_wait_ms: float = 1000.0
+    """greedy batcher: the longest a request waits for its batch to start. A request arriving when the queued work
+    (warm-up ms per image at max_batch_size, scaled by the measured/expected ratio of recent runs) exceeds it gets
+    503 with Retry-After; a queued request whose batch has not started this long after it arrived is answered 503
+    without being run. An accepted request's queueing delay is therefore at most this, plus one batch run."""
     inline_ms: float = 1.0
     """Batches whose expected ONNX Runtime time (measured per model and batch size during warm-up, fallback run
     included) is at most this many ms run on the event loop itself instead of a worker thread. For a small model the
@@ -84,7 +95,7 @@ class ServeConfig:
     def __post_init__(self):
         choices = {"device": ("auto", "cpu", "cuda"), "hint_mode": ("verify", "trust"),
                    "unknown_hint": ("error", "full"), "batcher": ("greedy", "bentoml"),
-                   "pad_batches": ("auto", "on", "off")}
+                   "pad_batches": ("auto", "on", "off"), "acceptance": ("route", "global")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -104,6 +115,10 @@ class ServeConfig:
                             f"got {self.gc_young_ms}")
         if not 1.0 <= self.gc_full_s <= 86_400.0:
             raise UserError(f"gc_full_s must be in [1, 86400], got {self.gc_full_s}")
+        if self.max_queue < 1:
+            raise UserError(f"max_queue must be at least 1, got {self.max_queue}")
+        if not 1.0 <= self.max_wait_ms <= 600_000.0:
+            raise UserError(f"max_wait_ms must be in [1, 600000], got {self.max_wait_ms}")
         if not self.request_timeout_s > 0:
             raise UserError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not 0.0 <= self.inline_ms <= 1000.0:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -22,15 +24,16 @@ import time
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from steerprune.errors import UserError
 
-from .batching import make_batcher
+from .batching import ClientGone, Overloaded, make_batcher
 from .config import ENV_PREFIX, ServeConfig
 from .engine import FULL, Engine, UnknownHint
 from .gc_schedule import GcClock
@@ -60,8 +63,15 @@ WRONG_HINTS = bentoml.metrics.Counter(
     name="steerprune_wrong_hints", documentation="Hints the full model contradicts (its answer is outside the hint)",
     labelnames=["route"])
 REJECTED = bentoml.metrics.Counter(
-    name="steerprune_rejected", documentation="/classify requests answered with a 4xx, by status",
+    name="steerprune_rejected", documentation="/classify requests answered with a 4xx or an overload 503, by status",
     labelnames=["status"])
+OVERLOADED = bentoml.metrics.Counter(
+    name="steerprune_overloaded", documentation="/classify requests answered 503 for overload, by reason "
+    "(queue_full, queue_work: refused on arrival; deadline: queued past max_wait_ms, not run)", labelnames=["reason"])
+SKIPPED = bentoml.metrics.Counter(
+    name="steerprune_skipped", documentation="Queued /classify requests dropped without a model run, by reason "
+    "(disconnected: the client left; cancelled: the request timed out; deadline: queued past max_wait_ms)",
+    labelnames=["reason"])
 LATENCY = bentoml.metrics.Histogram(
     name="steerprune_request_duration_seconds", documentation="/classify time in the handler by route",
     labelnames=["route"],
@@ -104,9 +114,14 @@ class SteerPrune:
     def __init__(self) -> None:
         self.cfg = ServeConfig.from_env()
         self.engine = Engine(self.cfg)
+        self.bundle_id = self._bundle_id()
+        self.item_ms: dict[str, float] = {}  # route -> expected model ms per image at max_batch_size (warm-up)
         self.batcher = make_batcher(self.cfg.batcher, self._run_batch, self.cfg.max_batch_size,
-                                    self.cfg.max_latency_ms, inline=self._inline if self.cfg.inline_ms > 0 else None)
-        self.listing = self.engine.describe()
+                                    self.cfg.max_latency_ms, inline=self._inline if self.cfg.inline_ms > 0 else None,
+                                    max_queue=self.cfg.max_queue, max_wait_ms=self.cfg.max_wait_ms,
+                                    cost=lambda item: self.item_ms.get(item[1], 0.0),
+                                    on_skip=lambda reason, n: SKIPPED.labels(reason=reason).inc(n))
+        self.listing = dict(self.engine.describe(), bundle_id=self.bundle_id, bundle_path=str(self.engine.bundle))
         self.ready = False
         self.warmup_seconds = None
         self.gc_clock = GcClock(self.cfg.gc_young_ms / 1000.0, self.cfg.gc_full_s, on_pauses=_record_gc_pauses)
@@ -119,6 +134,8 @@ class SteerPrune:
             return
         try:
             self.warmup_seconds = self.engine.warm_up(self.cfg.max_batch_size, self.cfg.warmup_rounds)
+            b = self.cfg.max_batch_size
+            self.item_ms = {r: self.engine.expected_ms([r] * b) / b for r in self.engine.routes}
         except Exception:  # noqa: BLE001 - stays unready; the log says why
             log.exception("!!! warm-up failed: not ready")
             return
@@ -144,6 +161,16 @@ class SteerPrune:
     def _stop_gc_clock(self) -> None:
         self.gc_clock.stop()
 
+    def _bundle_id(self) -> str:
+        """First 16 hex digits of sha256(manifest.json) (`sha256sum manifest.json`): the manifest holds every model's
+        sha256, which verify checked, so it names the whole bundle. Read again and compared with the manifest the
+        engine loaded: a bundle rewritten in place meanwhile is refused rather than served as a mixture."""
+        raw = (self.engine.bundle / "manifest.json").read_bytes()
+        if json.loads(raw) != self.engine.manifest:
+            raise UserError(f"{self.engine.bundle}/manifest.json changed while the bundle was loading: replace a "
+                            "bundle by switching a symlink or directory name, never in place")
+        return hashlib.sha256(raw).hexdigest()[:16]
+
     async def __is_ready__(self) -> bool:  # async: BentoML then skips a thread hop per probe
         return self.ready
 
@@ -158,11 +185,23 @@ class SteerPrune:
     # ------------------------------------------------------------------------------------------ handlers
 
     async def classify(self, request: Request) -> dict:
-        image, hint, top_k = await self._read_form(request)
+        arrived = time.monotonic()
+        with self.batcher.admit():  # a full worker refuses before the body is read: a 503 costs little under overload
+            return await self._classify(request, arrived)
+
+    async def _classify(self, request: Request, arrived: float) -> dict:
+        try:
+            image, hint, top_k = await self._read_form(request)
+        except ClientDisconnect:  # left while its upload waited to be read
+            SKIPPED.labels(reason="disconnected").inc()
+            raise ClientGone("the client disconnected before its upload was read") from None
         try:
             route = self.engine.resolve(hint)
         except UnknownHint as e:
             raise ApiError(400, str(e), valid_hints=self.engine.hint_names()) from None
+        if await request.is_disconnected():  # gave up while its upload waited (decoding is the costly part)
+            SKIPPED.labels(reason="disconnected").inc()
+            raise ClientGone("the client disconnected before its image was decoded")
         try:
             if len(image) <= INLINE_DECODE_BYTES:
                 x = decode_image(image, self.engine.spec, self.cfg.max_pixels)
@@ -171,7 +210,7 @@ class SteerPrune:
                 x = await anyio.to_thread.run_sync(decode_image, image, self.engine.spec, self.cfg.max_pixels)
         except BadImage as e:
             raise ApiError(e.status, str(e)) from None
-        res = await self.batcher.submit((x, route))
+        res = await self.batcher.submit((x, route), is_gone=request.is_disconnected, arrived=arrived)
         return self._answer(res, top_k, hint)
 
     def _answer(self, res, top_k: int, hint) -> dict:
@@ -186,7 +225,7 @@ class SteerPrune:
             "hint": hint, "route": res.route, "model": res.model,
             "head_usage": model_entry.get("head_usage"), "flops_rel": model_entry.get("flops_rel"),
             "fallback": res.fallback, "fallback_reason": _REASONS.get(res.fallback_reason),
-            "wrong_hint": res.wrong_hint,
+            "wrong_hint": res.wrong_hint, "bundle_id": self.bundle_id,
         }
         if res.routed_probs is not None:
             r = int(res.routed_probs.argmax())
@@ -286,9 +325,15 @@ def _text_field(form, name: str):
 
 # ---------------------------------------------------------------------------------------------- HTTP glue
 
-def _error(status: int, message: str, **extra) -> JSONResponse:
+def _error(status: int, message: str, headers=None, **extra) -> JSONResponse:
     REJECTED.labels(status=str(status)).inc()
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _overloaded(e: Overloaded) -> JSONResponse:
+    OVERLOADED.labels(reason=e.reason).inc()
+    return _error(503, str(e), headers={"Retry-After": str(e.retry_after_s)}, reason=e.reason,
+                  retry_after_s=e.retry_after_s, queued=e.queued, queued_ms=round(e.queued_ms, 1))
 
 
 async def classify_endpoint(request: Request):
@@ -296,13 +341,21 @@ async def classify_endpoint(request: Request):
     try:
         svc = bentoml.get_current_service()
     except Exception:  # noqa: BLE001 - before the instance exists
-        return JSONResponse({"error": "service is starting"}, status_code=503)
+        return JSONResponse({"error": "service is starting", "reason": "starting"}, status_code=503,
+                            headers={"Retry-After": "1"})
     if not svc.ready:
-        return JSONResponse({"error": "service is warming up; retry when /readyz answers 200"}, status_code=503)
+        return JSONResponse({"error": "service is warming up; retry when /readyz answers 200", "reason": "warming_up"},
+                            status_code=503, headers={"Retry-After": "1"})
     try:
         out = await svc.classify(request)
     except ApiError as e:
         return _error(e.status, str(e), **e.extra)
+    except Overloaded as e:
+        return _overloaded(e)
+    except ClientGone:  # nobody reads this answer; 499 (nginx's "client closed request") keeps BentoML's count honest
+        return Response(status_code=499)
+    except ServiceUnavailable as e:  # the bentoml batcher's own queueing limit
+        return _error(503, f"overloaded: {e}", headers={"Retry-After": "1"}, reason="max_latency", retry_after_s=1)
     except (ClientDisconnect, asyncio.CancelledError):
         raise
     except UserError as e:
@@ -319,6 +372,8 @@ async def routes_endpoint(request: Request):
     return JSONResponse(dict(svc.listing, ready=svc.ready, batcher=svc.cfg.batcher,
                              max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds,
                              inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms,
+                             max_queue=svc.cfg.max_queue, max_wait_ms=svc.cfg.max_wait_ms,
+                             expected_ms_per_image=svc.item_ms,
                              gc_threshold=list(gc.get_threshold()),
                              gc_clock=dict(young_ms=svc.cfg.gc_young_ms,
                                            full_s=svc.cfg.gc_full_s, automatic=gc.isenabled(),
