@@ -35,9 +35,10 @@ from steerprune.errors import UserError
 
 from .batching import ClientGone, Overloaded, make_batcher
 from .config import ENV_PREFIX, ServeConfig
+from .api_schema import docs_app
 from .engine import FULL, Engine, UnknownHint
 from .gc_schedule import GcClock
-from .preprocess import BadImage, decode_image
+from .preprocess import BadImage, decode_image, decode_inline
 
 __all__ = ["SteerPrune", "app"]
 
@@ -50,7 +51,6 @@ if not log.handlers:  # BentoML configures only its own loggers; start-up and CU
     log.propagate = False
 
 FORM_FIELDS = ("image", "hint", "top_k")
-INLINE_DECODE_BYTES = 32 << 10  # smaller uploads decode on the event loop: cheaper than a thread hop
 
 # Prometheus metrics, served on BentoML's /metrics next to its own bentoml_service_* series.
 REQUESTS = bentoml.metrics.Counter(
@@ -203,9 +203,9 @@ class SteerPrune:
             SKIPPED.labels(reason="disconnected").inc()
             raise ClientGone("the client disconnected before its image was decoded")
         try:
-            if len(image) <= INLINE_DECODE_BYTES:
+            if decode_inline(image):  # few pixels by the header: cheaper than a thread hop
                 x = decode_image(image, self.engine.spec, self.cfg.max_pixels)
-            else:  # big uploads decode in a thread so the event loop keeps serving
+            else:  # many pixels (whatever the byte size) decode in a thread so the event loop keeps serving
                 import anyio
                 x = await anyio.to_thread.run_sync(decode_image, image, self.engine.spec, self.cfg.max_pixels)
         except BadImage as e:
@@ -386,3 +386,5 @@ app = Starlette(routes=[
     HttpRoute("/routes", routes_endpoint, methods=["GET"]),
 ])
 SteerPrune.mount_asgi_app(app, path="/")  # handlers find the instance with bentoml.get_current_service()
+# the same two endpoints for /docs.json only (api_schema.py): mounted second, it never receives a request
+SteerPrune.mount_asgi_app(docs_app(classify_endpoint, routes_endpoint), path="/", name="openapi")
