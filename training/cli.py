@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from steerprune.errors import UserError
 
@@ -13,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the ViT backbone, the head policy and the SAE(s) into RUN",
                        description="Train the ViT backbone, the AdaViT-style head policy and TopK SAE(s) into RUN.")
     p.add_argument("run", help="run directory (created if missing)")
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default: digits)")
+    p.add_argument("--data", default=None, help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default: the run's "
+                   "recorded data for a later stage, else digits)")
     p.add_argument("--preset", default=None, help="digits | cifar | custom (default: cifar for CIFAR data, digits otherwise)")
     p.add_argument("--stage", default="all", choices=["backbone", "policy", "sae", "all"])
     p.add_argument("--model", dest="model_name", help="timm ViT/DeiT name (pretrained=False), overrides the preset")
@@ -47,20 +49,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae-expansion", type=int)
     p.add_argument("--sae-steps", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train: auto (CUDA when available, else the CPU), cpu or cuda (default: auto)")
     p.set_defaults(func=_train)
 
 
-def train_config_from_args(args):
-    from .train import TrainConfig
+_OVERRIDES = ("model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr",
+              "amp", "policy_epochs", "target_usage", "policy_noise_end", "distill_weight", "layer_targets",
+              "layer_weight", "temperature", "gated_layers", "finetune_backbone", "policy_lr", "finetune_lr",
+              "sae_layers", "sae_k", "sae_expansion", "sae_steps")
 
-    preset = args.preset or ("cifar" if args.data.lower().startswith(("cifar10:", "cifar100:")) else "digits")
-    if args.model_name and args.preset is None:
-        preset = "custom"
-    overrides = {k: getattr(args, k) for k in (
-        "model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr", "amp",
-        "policy_epochs", "target_usage", "policy_noise_end", "distill_weight", "layer_targets", "layer_weight", "temperature", "gated_layers", "finetune_backbone",
-        "policy_lr", "finetune_lr", "sae_layers", "sae_k", "sae_expansion", "sae_steps")}
-    return TrainConfig.for_preset(preset, **overrides)
+
+def train_config_from_args(args):
+    """(data spec, TrainConfig) of this invocation: a fresh backbone from the preset and the flags; a later stage
+    from the run's record and the flags it owns (a contradicting flag is a UserError)."""
+    from .pipeline import STAGES
+    from .record import config_for_stage
+
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    return config_for_stage(Path(args.run).expanduser(), stages, args.resume, args.data, args.preset, overrides)
 
 
 def _train(args) -> int:
@@ -72,7 +80,8 @@ def _train(args) -> int:
         torch.set_num_threads(args.threads)
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
         raise UserError("--model-kwargs must be a JSON object")
-    metrics = run_training(args.run, args.data, train_config_from_args(args), args.stage, args.resume)
+    data_spec, tcfg = train_config_from_args(args)
+    metrics = run_training(args.run, data_spec, tcfg, args.stage, args.resume, device=args.device)
     print(summary_table(metrics))
     print(f"wrote {args.run}/metrics.json")
     return 0

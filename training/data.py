@@ -15,9 +15,11 @@ import numpy as np
 
 from steerprune.errors import UserError
 
-__all__ = ["Split", "DataBundle", "load_data", "parse_spec", "IMAGE_SUFFIXES"]
+__all__ = ["Split", "DataBundle", "load_data", "parse_spec", "stratified_split", "IMAGE_SUFFIXES", "SPLIT_METHODS"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# "sklearn": train_test_split(stratify=...); "legacy": the per-class permutation of runs recorded before it
+SPLIT_METHODS = ("sklearn", "legacy")
 
 
 @dataclass
@@ -79,34 +81,51 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     raise UserError(f"unknown data spec '{spec}': use digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH")
 
 
-def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None) -> DataBundle:
-    """Load a dataset and carve a seeded, stratified validation split from its train split."""
+def load_data(spec: str, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None,
+              split: str = "sklearn") -> DataBundle:
+    """Load a dataset and carve a seeded, stratified validation split from its train split (`split`: how, see
+    `stratified_split`; a run's record says which)."""
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     kind, path = parse_spec(spec)
     groups: dict[str, list[int]] = {}
     hflip = True
     if kind == "digits":
-        train, test, names = _load_digits(seed)
+        train, test, names = _load_digits()
         hflip = False
     elif kind == "cifar10":
         train, test, names = _load_cifar10(path)
     elif kind == "cifar100":
         train, test, names, groups = _load_cifar100(path)
     else:
-        train, test, names = _load_imagefolder(path, img_size, seed)
+        train, test, names = _load_imagefolder(path, img_size)
     n_cls = len(names)
     for split_name, s in (("train", train), ("test", test)):
         if len(s) == 0:
             raise UserError(f"{spec}: the {split_name} split is empty")
         if s.labels.min() < 0 or s.labels.max() >= n_cls:
             raise UserError(f"{spec}: {split_name} labels outside 0..{n_cls - 1}")
-    tr_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
+    tr_idx, val_idx = stratified_split(train.labels, val_fraction, seed, split)
     return DataBundle(spec, names, train.subset(tr_idx), train.subset(val_idx), test, groups, hflip)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out), with `fraction` of every class held out (at least one where a class has 2+)."""
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, method: str = "sklearn") -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (keep, held_out) with `fraction` of every class held out.
+
+    'sklearn': scikit-learn's `train_test_split(stratify=labels)`. 'legacy': a seeded permutation per class, at least
+    one held out where a class has 2+ images; runs recorded before the switch keep it, so their splits never move."""
+    if method == "sklearn":
+        from sklearn.model_selection import train_test_split
+
+        # at least one held-out image per class, as sklearn needs (and as the legacy split did)
+        n_held = max(int(round(len(labels) * fraction)), len(np.unique(labels)))
+        try:
+            keep, held = train_test_split(np.arange(len(labels)), test_size=n_held, random_state=seed, stratify=labels)
+        except ValueError as e:  # e.g. a class with a single image
+            raise UserError(f"cannot split {len(labels)} images stratified by class at {fraction}: {e}") from None
+        return np.sort(keep), np.sort(held)
+    if method != "legacy":
+        raise UserError(f"unknown split method '{method}': use {', '.join(SPLIT_METHODS)}")
     rng = np.random.default_rng(seed)
     keep, held = [], []
     for c in np.unique(labels):
@@ -118,14 +137,14 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def _load_digits(seed: int) -> tuple[Split, Split, list[str]]:
+def _load_digits() -> tuple[Split, Split, list[str]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     # 0..16 intensities -> uint8 so digits travel through the same image pipeline as every other dataset
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
     labels = d.target.astype(np.int64)
-    tr, te = stratified_split(labels, 0.2, seed=1234)  # fixed test split, independent of the run's seed
+    tr, te = stratified_split(labels, 0.2, 1234, "legacy")  # the fixed test split: the same for every run, old or new
     return Split(images[tr], labels[tr]), Split(images[te], labels[te]), [str(i) for i in range(10)]
 
 
@@ -246,7 +265,7 @@ def _groups_from(fine: np.ndarray, coarse: np.ndarray, coarse_names: list[str] |
     return groups
 
 
-def _load_imagefolder(path: Path, img_size: int | None, seed: int) -> tuple[Split, Split, list[str]]:
+def _load_imagefolder(path: Path, img_size: int | None) -> tuple[Split, Split, list[str]]:
     if (path / "train").is_dir():
         names = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
         train = _read_class_dirs(path / "train", names, img_size)
@@ -257,7 +276,7 @@ def _load_imagefolder(path: Path, img_size: int | None, seed: int) -> tuple[Spli
     else:
         names = sorted(p.name for p in path.iterdir() if p.is_dir())
         full = _read_class_dirs(path, names, img_size)
-    tr, te = stratified_split(full.labels, 0.2, seed=1234)
+    tr, te = stratified_split(full.labels, 0.2, 1234, "legacy")  # the fixed test split: the same for every run, old or new
     return full.subset(tr), full.subset(te), names
 
 

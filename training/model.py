@@ -102,31 +102,47 @@ def check_supported(model: nn.Module) -> None:
             raise UserError(f"block {i}: gated or scale-normed attention mixes heads and cannot be pruned per head")
 
 
-def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
-    """Initialise from a user checkpoint (.safetensors, or a torch file read with weights_only=True)."""
+def load_checkpoint_into(model: nn.Module, path: str | Path, log=print) -> None:
+    """Initialise from a user checkpoint, as timm loads pretrained weights.
+
+    Reads safetensors, or a torch file with weights_only=True, holding a bare state dict or one under
+    `state_dict` / `model` (EMA weights first where present; DDP/compile prefixes removed): timm's
+    `load_state_dict`. `pos_embed` and `patch_embed` are resampled to the model's size (timm's
+    `checkpoint_filter_fn`). A classifier for another label set (e.g. ImageNet's 1000 classes) is left out and the
+    model's freshly initialised one kept, as timm does for `num_classes`; one log line says so."""
+    from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt or unsafe files all end here
         raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
+    for key in ("model_state_dict",):  # a common non-timm layout
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
-    state = checkpoint_filter_fn(state, model)  # resamples pos_embed / patch_embed like timm's own loader
-    head_w = state.get("head.weight")
+    try:
+        state = checkpoint_filter_fn(state, model)  # resamples pos_embed / patch_embed like timm's own loader
+    except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another architecture
+        raise UserError(f"checkpoint {path.name} does not fit {type(model).__name__}: {str(e).splitlines()[0]}") from None
+    head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    head_w, dropped = state.get(f"{head}.weight"), set()
     if head_w is not None and head_w.shape[0] != model.num_classes:
-        raise UserError(f"checkpoint {path.name} has {head_w.shape[0]} classes but the data has {model.num_classes}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        dropped = {f"{head}.weight", f"{head}.bias"}
+        for k in dropped:
+            state.pop(k, None)
+        log(f"checkpoint {path.name} has {head_w.shape[0]} classes but the data has {model.num_classes}: loaded "
+            f"everything but the classifier '{head}', which is re-initialised for {model.num_classes} classes")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when not strict
+        raise UserError(f"checkpoint {path.name} does not fit {type(model).__name__}: "
+                        f"{str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k not in dropped]  # the re-initialised classifier
     if missing or unexpected:
         raise UserError(f"checkpoint {path.name} does not fit {type(model).__name__}: "
                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "

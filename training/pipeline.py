@@ -9,39 +9,52 @@ import torch
 
 from steerprune.errors import UserError
 
+from .config import TrainConfig, backbone_config_for
 from .data import load_data
+from .device import resolve_device
+from .evaluate import evaluate_backbone, evaluate_policy, evaluate_sae
+from .forward import run_model
+from .loops import collect_policy_inputs, init_backbone, train_backbone, train_policy, train_sae
 from .metrics import accuracy
 from .model import BackboneConfig
-from .run import load_run, read_json, sae_paths, save_module, versions, write_json
+from .record import check_against_record, is_continuation, update_record, write_record
+from .run import load_run, read_json, sae_paths, save_module, write_json
 from .sae import SAEConfig
-from .train import (TrainConfig, backbone_config_for, collect_policy_inputs, evaluate_backbone, evaluate_policy,
-                    evaluate_sae, run_model, train_backbone, train_policy, train_sae)
 
 __all__ = ["STAGES", "run_training", "summary_table"]
 
 STAGES = ("backbone", "policy", "sae")
 
 
-def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: str = "all", resume: bool = False,
-                 log=print) -> dict:
-    """Train the requested stage(s) into run_dir and return the updated metrics."""
+def run_training(run_dir: str | Path, data_spec: str | None, tcfg: TrainConfig, stage: str = "all",
+                 resume: bool = False, log=print, device="cpu") -> dict:
+    """Train the requested stage(s) into run_dir and return the updated metrics.
+
+    A later stage (policy, sae, or a resumed backbone) follows RUN/train_config.json: `data_spec` None means the
+    recorded one, and a data spec, split or backbone setting that contradicts the record is refused before anything
+    is written (see `record`). The record is written once the stage's inputs have passed their checks."""
     run_dir = Path(run_dir).expanduser()
     if stage not in STAGES + ("all",):
         raise UserError(f"unknown stage '{stage}': use {', '.join(STAGES)} or all")
     stages = STAGES if stage == "all" else (stage,)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    data_spec, record = check_against_record(run_dir, data_spec, tcfg, stages, resume)
     torch.manual_seed(tcfg.seed)
-    data = load_data(data_spec, tcfg.val_fraction, tcfg.seed, tcfg.img_size)
+    data = load_data(data_spec, tcfg.val_fraction, tcfg.seed, tcfg.img_size, tcfg.split)
     log(f"data {data_spec}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
-        f"{data.num_classes} classes, images {data.image_shape}")
+        f"{data.num_classes} classes, images {data.image_shape}; device {device}")
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
     timings = metrics.setdefault("seconds", {})
-    write_json(run_dir / "train_config.json", {"data": data_spec, "train": asdict(tcfg), "versions": versions()})
+    continuing = is_continuation(stages, resume, record)
 
     if "backbone" in stages:
         t0 = time.time()
         bcfg = backbone_config_for(tcfg, data)
-        vit = train_backbone(run_dir, data, tcfg, bcfg, resume=resume, log=log)
+        vit = init_backbone(bcfg, tcfg, log=log)  # builds the model and reads the checkpoint: both may refuse
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not continuing:
+            write_record(run_dir, data_spec, tcfg)  # before training, so an interrupted run can --resume
+        vit = train_backbone(run_dir, data, tcfg, bcfg, resume=resume, log=log, vit=vit, device=device)
         save_module(vit, run_dir / "backbone.safetensors")
         bcfg.save(run_dir / "backbone.json")
         for stale in ["policy.json", "policy.safetensors", *[p.name for p in run_dir.glob("sae_L*")]]:
@@ -52,12 +65,15 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
             "epochs": tcfg.epochs}}
         timings["backbone"] = round(time.time() - t0, 1)
         write_json(run_dir / "metrics.json", metrics)
+        if continuing:
+            record = update_record(run_dir, record, tcfg, ("backbone",), resume)
     run = load_run(run_dir)
     _check_data_matches(run.backbone, data)
+    run.model.to(device)
 
     if "policy" in stages:
         t0 = time.time()
-        model = train_policy(run.vit, data, tcfg, run.backbone, log=log)
+        model = train_policy(run.vit, data, tcfg, run.backbone, log=log, device=device)
         if tcfg.finetune_backbone:
             save_module(model.vit, run_dir / "backbone.safetensors")
             # the saved backbone is now the jointly tuned one: report its accuracy too
@@ -72,7 +88,10 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
                              "val_acc": accuracy(val_pred, data.val.labels)}
         timings["policy"] = round(time.time() - t0, 1)
         write_json(run_dir / "metrics.json", metrics)
+        if continuing:
+            record = update_record(run_dir, record, tcfg, ("policy",), resume)
         run = load_run(run_dir, need=("policy",))
+        run.model.to(device)
 
     if "sae" in stages:
         if run.policy is None:
@@ -91,7 +110,7 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
         for layer in layers:
             cfg = SAEConfig(d_in=run.vit.embed_dim, layer=layer, expansion=tcfg.sae_expansion, k=tcfg.sae_k)
             sae = train_sae(inputs[:, gated.index(layer)], cfg, tcfg.sae_steps, tcfg.sae_lr, tcfg.sae_batch_size,
-                            tcfg.seed + 3 + layer, log=log)
+                            tcfg.seed + 3 + layer, log=log, device=device)
             weights, config = sae_paths(run_dir, layer)
             save_module(sae, weights)
             sae.save_config(config)
@@ -104,6 +123,8 @@ def run_training(run_dir: str | Path, data_spec: str, tcfg: TrainConfig, stage: 
                                                   "splice_pred_agreement")}}
         timings["sae"] = round(time.time() - t0, 1)
         write_json(run_dir / "metrics.json", metrics)
+        if continuing:
+            update_record(run_dir, record, tcfg, ("sae",), resume)
     return metrics
 
 

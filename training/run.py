@@ -94,7 +94,9 @@ class Run:
         if not self.train_config:
             raise UserError(f"{self.path} has no train_config.json: cannot recover its data splits")
         t = self.train_config["train"]
-        return load_data(self.train_config["data"], t["val_fraction"], t["seed"], t.get("img_size"))
+        # records written before the sklearn split carry no "split": they keep the split they were trained on
+        return load_data(self.train_config["data"], t["val_fraction"], t["seed"], t.get("img_size"),
+                         t.get("split", "legacy"))
 
 
 def load_run(path: str | Path, need: tuple[str, ...] = ("backbone",)) -> Run:

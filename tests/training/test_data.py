@@ -92,7 +92,7 @@ def test_npz_layout(tmp_path):
                  labels=np.arange(n) % 4)
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c", "d"]))
     d = load_data(f"cifar10:{tmp_path}", val_fraction=0.25)
-    assert d.class_names == ["a", "b", "c", "d"] and len(d.val) == 8 and len(d.test) == 10
+    assert d.class_names == ["a", "b", "c", "d"] and len(d.val) == 10 and len(d.test) == 10  # 25% of 40
 
 
 def test_imagefolder_with_and_without_test_split(tmp_path):

@@ -3,7 +3,7 @@ import torch
 
 from steerprune.training.metrics import binomial_ci, dead_fraction, fvu, l0
 from steerprune.training.sae import SAEConfig, TopKSAE
-from steerprune.training.train import train_sae
+from steerprune.training.loops import train_sae
 
 
 def sparse_data(n=4000, d=32, atoms=96, active=4, seed=0):
