@@ -26,7 +26,7 @@ import collections
 import contextlib
 import math
 import time
-from typing import Any, Awaitable, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import anyio
 
@@ -52,7 +52,7 @@ class _Job(NamedTuple):
     fut: asyncio.Future
     cost_ms: float  # expected model time of this item (warm-up timings)
     deadline: float  # time.monotonic() after which it is not run
-    is_gone: Optional[Callable[[], Awaitable[bool]]]
+    is_gone: Optional[Callable[[], bool]]  # must not block: asked for every request taken into a batch
 
 
 class GreedyBatcher:
@@ -107,7 +107,7 @@ class GreedyBatcher:
         ahead = self.ahead_ms()
         raise Overloaded(reason, f"overloaded: {message}; retry later", _retry_after(ahead), len(self._queue), ahead)
 
-    async def submit(self, item: Any, is_gone: Optional[Callable[[], Awaitable[bool]]] = None,
+    async def submit(self, item: Any, is_gone: Optional[Callable[[], bool]] = None,
                      arrived: Optional[float] = None) -> Any:
         """Queue one item and wait for its result. Raises Overloaded (queue bound, or its batch not started by
         `arrived` (time.monotonic(), default now) + max_wait_ms) or ClientGone (`is_gone()` was true when its batch
@@ -139,7 +139,7 @@ class GreedyBatcher:
         if exc is not None and not job.fut.done():
             job.fut.set_exception(exc)
 
-    async def _next_batch(self) -> list[_Job]:
+    def _next_batch(self) -> list[_Job]:
         """Up to max_batch_size live jobs from the queue; the gone ones are resolved and counted."""
         jobs: list[_Job] = []
         while self._queue and len(jobs) < self.max_batch_size:
@@ -151,7 +151,7 @@ class GreedyBatcher:
                 self._skip(job, "deadline", Overloaded(
                     "deadline", f"overloaded: queued {self.max_wait_ms:g} ms (max_wait_ms) without its batch "
                                 "starting; retry later", _retry_after(ahead), len(self._queue), ahead))
-            elif job.is_gone is not None and await job.is_gone():
+            elif job.is_gone is not None and job.is_gone():
                 self._skip(job, "disconnected", ClientGone("the client disconnected before its batch ran"))
             else:
                 jobs.append(job)
@@ -161,7 +161,7 @@ class GreedyBatcher:
         jobs: list[_Job] = []
         try:
             while self._queue:
-                jobs = await self._next_batch()
+                jobs = self._next_batch()
                 if not jobs:
                     continue
                 items = [job.item for job in jobs]

@@ -99,10 +99,10 @@ def test_gone_and_cancelled_requests_are_not_computed():
         first = asyncio.ensure_future(b.submit(0))
         await _until(gate.started.is_set)
 
-        async def gone():
+        def gone():
             return True
 
-        async def here():
+        def here():
             return False
 
         left = asyncio.ensure_future(b.submit(1, is_gone=gone))
@@ -169,3 +169,27 @@ def test_measured_run_time_scales_the_work_estimate():
         return b._ratio
 
     assert 1.5 < asyncio.run(main()) < 3.0
+
+
+def test_client_gone_polls_receive_without_waiting():
+    pytest.importorskip("bentoml")
+    from steerprune.service.service import client_gone
+
+    async def main():
+        ev = asyncio.Event()
+        state = {"disconnected": False}
+
+        async def receive():  # like uvicorn's: waits for a message unless the client is already gone
+            if not state["disconnected"]:
+                await ev.wait()
+            return {"type": "http.disconnect"}
+
+        live = client_gone(receive)
+        leaked = len(ev._waiters)  # the abandoned wait must not stay registered
+        state["disconnected"] = True
+        t = time.perf_counter()
+        gone = client_gone(receive)
+        return live, leaked, gone, time.perf_counter() - t
+
+    live, leaked, gone, took = asyncio.run(main())
+    assert live is False and leaked == 0 and gone is True and took < 0.01
