@@ -2,7 +2,7 @@
 
     locust -f locustfile.py --host http://127.0.0.1:3000 --headless -u 16 -r 16 -t 30s
 Images: STEERPRUNE_LOADTEST_IMAGES (an .npz with images/labels, or class folders); default: the digits test split
-when the server's bundle was trained on digits. Hint mix: STEERPRUNE_LOADTEST_MIX (default right=0.6,wrong=0.2,none=0.2).
+when the server's bundle was trained on digits. Hint mix: STEERPRUNE_LOADTEST_MIX (default: `steerprune loadtest`'s).
 Only 127.0.0.1 / localhost / ::1 hosts are accepted.
 """
 from __future__ import annotations
@@ -11,10 +11,11 @@ import os
 import random
 from urllib.parse import urlparse
 
-import requests
+import requests  # locust's own dependency (HttpUser is built on it)
 from locust import HttpUser, between, events, task
 
-from steerprune.service.loadtest import LOCAL_HOSTS, encode_png, load_images, parse_mix, plan_requests
+from steerprune.loadtest.plan import DEFAULT_MIX, encode_png, load_images, parse_mix, plan_requests
+from steerprune.loadtest.run import LOCAL_HOSTS
 
 _STATE: dict = {}
 
@@ -28,7 +29,7 @@ def _prepare(environment, **_):
     images, labels, _ = load_images(os.environ.get("STEERPRUNE_LOADTEST_IMAGES"), listing.get("data_spec"),
                                     listing["classes"])
     routes = {n: r["class_indices"] for n, r in listing["routes"].items()}
-    mix = parse_mix(os.environ.get("STEERPRUNE_LOADTEST_MIX", "right=0.6,wrong=0.2,none=0.2"))
+    mix = parse_mix(os.environ.get("STEERPRUNE_LOADTEST_MIX", DEFAULT_MIX))
     _STATE["plan"] = plan_requests(20_000, labels, routes, mix, seed=0)
     _STATE["pngs"] = [encode_png(im) for im in images]
     _STATE["labels"] = labels

@@ -54,7 +54,7 @@ def _summary(r: dict, knob: str, value, phase: str) -> dict:
 def _serve_and_load(bundle: Path, knob: str, value, loads: list[tuple[str, float, float]], images, cores) -> list:
     """One fresh server with knob=value; loads: (phase, rate, seconds) run one after another on it."""
     from steerprune.service.cli import free_port, start_server, stop_server
-    from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+    from steerprune.loadtest import LoadTestConfig, run_loadtest
 
     port = free_port()
     os.sched_setaffinity(0, {cores[0]})  # the server and its workers inherit core 0

@@ -66,7 +66,7 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0)) if pin else []
 
     from steerprune.service.cli import free_port, start_server, stop_server
-    from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+    from steerprune.loadtest import LoadTestConfig, run_loadtest
 
     work = (ROOT / args.work).resolve()
     folder, run, bundle = work / "images", work / "run", work / "bundle"

@@ -1,4 +1,5 @@
-"""`steerprune serve` and `steerprune loadtest`, plus `start_server` / `curl_example` for quickstart.
+"""`steerprune serve`, plus `start_server` / `stop_server` / `free_port` / `curl_example` for quickstart, tests and
+benchmarks.
 
 Module-level imports stay light (no bentoml, no onnxruntime): the CLI parser imports every stage.
 """
@@ -187,29 +188,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.set_defaults(func=_serve)
 
-    q = sub.add_parser("loadtest", help="bounded load test of a local server (throughput, latency, accuracy)",
-                       description="Load-test a steerprune server on 127.0.0.1/localhost with a mix of right, wrong "
-                                   "and missing hints; writes JSON and a PNG plot.")
-    q.add_argument("url", help="server URL, e.g. http://127.0.0.1:3000 (local hosts only)")
-    q.add_argument("--users", type=int, default=8, help="concurrent clients (1-64)")
-    q.add_argument("--duration", type=float, default=20.0, help="seconds (at most 600)")
-    q.add_argument("--max-requests", type=int, default=50_000, help="stop after this many requests")
-    q.add_argument("--mix", default="right=0.6,wrong=0.2,none=0.2", help="hint mix, e.g. right=0.6,wrong=0.2,none=0.2")
-    q.add_argument("--images", help="test images: an NPZ (images uint8 NHWC, labels) or a folder of class folders "
-                                    "(default: the bundle's digits test split when it was trained on digits)")
-    q.add_argument("--bundle", help="bundle directory, for the in-process ONNX Runtime baseline "
-                                    "(default: ask the server's /routes; needed for the baseline)")
-    q.add_argument("--inprocess-threads", type=int, default=0, help="ONNX Runtime threads of the in-process "
-                   "baseline (0: its default; match the server's for a fair comparison)")
-    q.add_argument("--server-pid", type=int, help="server process for CPU accounting (default: found by port)")
-    q.add_argument("--rate", type=float, default=0.0, help="pace all users to this many requests/s in total "
-                                                             "(default 0: saturate)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--sweep", action="store_true", help="send every test image once (shuffled) instead of drawing "
-                   "with replacement: for the accuracy check against the manifest")
-    q.add_argument("--out", default="loadtest.json", help="JSON report path; the plot goes beside it as .png")
-    q.set_defaults(func=_loadtest)
-
 
 def _serve(args) -> int:
     bundle = _check_bundle(args.bundle)
@@ -245,13 +223,3 @@ def _serve(args) -> int:
         stop_server(proc)
         return 130
 
-
-def _loadtest(args) -> int:
-    from .loadtest import LoadTestConfig, run_loadtest
-
-    cfg = LoadTestConfig(url=args.url, users=args.users, duration=args.duration, max_requests=args.max_requests,
-                         mix=args.mix, images=args.images, bundle=args.bundle, server_pid=args.server_pid,
-                         inprocess_threads=args.inprocess_threads,
-                         rate=args.rate, seed=args.seed, sweep=args.sweep, out=args.out)
-    report = run_loadtest(cfg, log=print)
-    return 0 if report["errors"] == 0 else 1

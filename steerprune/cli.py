@@ -12,7 +12,7 @@ __all__ = ["main", "build_parser"]
 
 # Stage modules with `register(subparsers)`; each subparser sets `func(args) -> int`.
 STAGE_CLIS = ("steerprune.training.cli", "steerprune.steering.cli", "steerprune.export.cli", "steerprune.service.cli",
-              "steerprune.quickstart")
+              "steerprune.loadtest.cli", "steerprune.bench.cli", "steerprune.quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,7 @@ def _write_sample_image(run_dir: Path, path: Path) -> tuple[str, str]:
 
 
 def _post_image(url: str, image: Path, hint: str) -> dict:
-    from steerprune.service.loadtest import multipart_body
+    from steerprune.loadtest.client import multipart_body
 
     body, content_type = multipart_body({"hint": hint}, image.read_bytes())
     req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})

@@ -14,7 +14,8 @@ requests = pytest.importorskip("requests")
 from steerprune.service.cli import curl_example, free_port, start_server, stop_server  # noqa: E402
 from steerprune.service.config import ServeConfig  # noqa: E402
 from steerprune.service.engine import FULL, Engine  # noqa: E402
-from steerprune.service.loadtest import encode_png, multipart_body  # noqa: E402
+from steerprune.loadtest.client import multipart_body  # noqa: E402
+from steerprune.loadtest.plan import encode_png  # noqa: E402
 from steerprune.service.preprocess import normalize  # noqa: E402
 
 pytestmark = [pytest.mark.http, pytest.mark.slow]
@@ -223,32 +224,6 @@ def test_concurrent_clients_get_their_own_answers(server, offline, digits):
     assert batches and sums and float(sums[0].split()[-1]) >= n
 
 
-def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
-    from steerprune.service.loadtest import LoadTestConfig, run_loadtest
-
-    out = tmp_path / "lt.json"
-    report = run_loadtest(LoadTestConfig(url=server.url, users=4, duration=30, max_requests=120, sweep=True,
-                                         mix="right=0.5,wrong=0.25,none=0.25", bundle=str(tiny_bundle),
-                                         out=str(out)), log=lambda *_: None)
-    assert report["errors"] == 0 and report["requests"] == report["ok"] == 120  # sweep: 120 distinct images
-    assert report["inprocess"]["answers_differing_from_offline"] == 0
-    assert set(report["latency_by_kind"]) == {"right", "wrong", "none"}
-    assert 0 < report["server_share_of_inprocess_throughput"] < 10
-    assert report["server_cpu_ms_per_request"] > 0
-    assert 50 < report["server_rss_mb"]["start"] <= 4096 and report["server_rss_mb"]["end"] > 50
-    handler, batch = report["server_side"]["handler_ms"], report["server_side"]["batch_size"]
-    assert handler["count"] == 120 and 0 < handler["mean"] < report["latency"]["mean_ms"]  # this run's requests only
-    shares = list(handler["share_above"].values())
-    assert all(0 <= b <= a <= 1 for a, b in zip(shares, shares[1:]))  # a survival curve: never rises
-    assert 1 <= batch["mean"] <= 4 and batch["sum"] == 120  # 4 users: <= 4 per batch
-    pauses = report["server_side"]["gc_pause_ms"]  # the GC clock's collections during the run, from /metrics
-    assert pauses["count"] > 0 and 0 < pauses["mean"] < 100
-    assert 0 < report["fallback_rate"] < 1  # wrong hints fall back in verify mode
-    assert json.loads(out.read_text())["throughput_rps"] == report["throughput_rps"]
-    assert out.with_suffix(".png").stat().st_size > 10_000
-    assert healthy(server.url)
-
-
 def test_metrics_count_routes_fallbacks_and_wrong_hints(server, digits):
     png = encode_png(digits.images[np.flatnonzero(digits.labels == 2)[0]])
     classify(server.url, png, hint="0")
@@ -309,7 +284,7 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
         # gc_young_ms=0: CPython collects on its own trigger, with the third threshold set once warm
         assert listing["gc_clock"]["automatic"] is True and listing["gc_clock"]["young_collections"] == 0
         assert listing["gc_threshold"][2] == 1000
-        from steerprune.service.loadtest import LoadTestConfig, run_loadtest
+        from steerprune.loadtest import LoadTestConfig, run_loadtest
 
         # wrong hints are answered by the routed model here: the offline answers must follow the server's mode
         rep = run_loadtest(LoadTestConfig(url=url, users=2, duration=30, max_requests=40, mix="wrong=1",

@@ -12,8 +12,6 @@ import pytest
 from steerprune.errors import UserError
 from steerprune.service.config import ServeConfig
 from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
-from steerprune.service.loadtest import (LoadTestConfig, Planned, Sample, encode_png, parse_mix, plan_requests,
-                                         route_accuracy_check)
 from steerprune.service.preprocess import BadImage, decode_image, normalize
 
 
@@ -39,7 +37,7 @@ def _png(arr: np.ndarray, fmt="PNG", mode=None) -> bytes:
 
 
 def test_service_module_does_not_import_torch():
-    code = ("import sys, steerprune.service.service, steerprune.service.cli, steerprune.service.loadtest; "
+    code = ("import sys, steerprune.service.service, steerprune.service.cli; "
             "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=120,
                          env={"BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"})
@@ -205,78 +203,6 @@ def test_serve_config_env_round_trip_and_validation(tmp_path):
     assert ServeConfig.from_env({"STEERPRUNE_BUNDLE": "x", "STEERPRUNE_GC_YOUNG_MS": "0"}).gc_young_ms == 0.0
 
 
-def test_loadtest_is_local_and_bounded():
-    for url in ("http://example.com:3000", "http://10.0.0.1:3000", "ftp://127.0.0.1"):
-        with pytest.raises(UserError):
-            LoadTestConfig(url=url)
-    with pytest.raises(UserError, match="duration"):
-        LoadTestConfig(url="http://127.0.0.1:3000", duration=3600)
-    with pytest.raises(UserError, match="users"):
-        LoadTestConfig(url="http://localhost:3000", users=1000)
-    assert parse_mix("right=3,wrong=1") == {"right": 0.75, "wrong": 0.25, "none": 0.0}
-    with pytest.raises(UserError):
-        parse_mix("rigth=1")
-
-
-def test_plan_requests_gives_right_and_wrong_hints():
-    labels = np.array([0, 1, 7, 2, 3] * 40)
-    routes = {"0": [0], "1": [1], "7": [7], "even": [0, 2, 4, 6, 8]}
-    plan = plan_requests(2000, labels, routes, parse_mix("right=0.5,wrong=0.3,none=0.2"), seed=0)
-    for p in plan:
-        c = int(labels[p.image])
-        if p.kind == "right":
-            assert c in routes[p.hint]
-        elif p.kind == "wrong":
-            assert c not in routes[p.hint]
-        else:
-            assert p.hint is None
-    kinds = [p.kind for p in plan]
-    assert 0.25 < kinds.count("wrong") / len(plan) < 0.35
-    assert encode_png(np.zeros((8, 8, 1), np.uint8))[:4] == b"\x89PNG"
-
-
-def test_plan_requests_sweep_sends_each_image_once():
-    labels = np.arange(50) % 5
-    routes = {str(c): [c] for c in range(5)}
-    plan = plan_requests(10_000, labels, routes, parse_mix("right=1"), seed=3, sweep=True)
-    assert sorted(p.image for p in plan) == list(range(50))  # every image once, capped at the image count
-    assert [p.image for p in plan] != list(range(50))  # shuffled
-    assert all(p.hint == str(labels[p.image]) for p in plan)
-    assert len(plan_requests(20, labels, routes, parse_mix("right=1"), seed=3, sweep=True)) == 20
-
-
-def test_route_accuracy_check_weights_routes_by_requests():
-    plan = [Planned(0, "right", "a"), Planned(1, "right", "a"), Planned(2, "right", "b"), Planned(3, "none", None)]
-    ok = [Sample(0.0, 0.01, 200, i, {}) for i in range(4)]
-    check = route_accuracy_check(ok, [True, False, True, False], plan, {"a": {"acc": 0.5}, "b": {"acc": 0.9}})
-    assert check["requests"] == 3
-    assert check["by_route"]["a"] == {"n": 2, "served_acc": 0.5, "manifest_acc": 0.5}
-    assert check["served_acc"] == pytest.approx(2 / 3, abs=1e-4)
-    assert check["manifest_acc"] == pytest.approx((0.5 * 2 + 0.9) / 3, abs=1e-4)
-    assert check["difference_points"] == pytest.approx(100 * (2 / 3 - 1.9 / 3), abs=0.01)
-    assert route_accuracy_check(ok, [True] * 4, plan, {"a": {"acc": None}, "b": {"acc": None}}) is None
-
-
-@pytest.mark.parametrize("raw,expect", [
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-type: application/json\r\n\r\n{\"a\":1}",
-     (200, b'{"a":1}', False)),
-    (b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
-     (400, b"abcde", True)),
-])
-def test_loadtest_reads_http_responses(raw, expect):
-    import asyncio
-
-    from steerprune.service.loadtest import _read_response
-
-    async def read():
-        reader = asyncio.StreamReader()
-        reader.feed_data(raw)
-        reader.feed_eof()
-        return await _read_response(reader)
-
-    assert asyncio.run(read()) == expect
-
-
 def test_padding_to_warmed_batch_sizes_keeps_every_answer(tiny_bundle, digits_test):
     plain = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, pad_batches="off", max_batch_size=8))
     padded = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, pad_batches="on", max_batch_size=8))
@@ -357,32 +283,3 @@ def test_greedy_batcher_runs_approved_batches_on_the_event_loop(inline_ok):
     assert results == [i * 10 for i in range(10)]  # every caller gets its own answer, in order
     assert max(sizes) <= 4 and sum(sizes) == 10
     assert threads == ({loop_thread} if inline_ok else threads - {loop_thread}) and threads
-
-
-def test_server_histograms_from_prometheus_text(monkeypatch):
-    from steerprune.service import loadtest
-
-    def page(handler_counts, total_s):  # cumulative buckets of the handler histogram, split over two routes
-        lines = ["# HELP steerprune_request_duration_seconds ...", "# TYPE steerprune_request_duration_seconds histogram"]
-        for route, share in (("0", 0.5), ("full", 0.5)):
-            for le, n in zip(("0.001", "0.003", "+Inf"), handler_counts):
-                lines.append(f'steerprune_request_duration_seconds_bucket{{le="{le}",route="{route}"}} {n * share}')
-            lines.append(f'steerprune_request_duration_seconds_count{{route="{route}"}} {handler_counts[-1] * share}')
-            lines.append(f'steerprune_request_duration_seconds_sum{{route="{route}"}} {total_s * share}')
-        return "\n".join(lines).encode()
-
-    pages = iter([page((10, 20, 20), 0.03), page((100, 180, 200), 0.33)])
-    monkeypatch.setattr(loadtest, "_get", lambda host, port, path: (200, next(pages)))
-    before, after = loadtest.scrape_histograms("127.0.0.1", 1), loadtest.scrape_histograms("127.0.0.1", 1)
-    delta = loadtest.histogram_delta(before["steerprune_request_duration_seconds"],
-                                     after["steerprune_request_duration_seconds"], 1000.0)
-    # 180 new requests: 90 under 1 ms, 160 under 3 ms; 300 ms between them
-    assert delta["count"] == 180 and delta["sum"] == pytest.approx(300.0) and delta["mean"] == pytest.approx(1.6667, abs=1e-4)
-    assert delta["share_above"] == {"1": pytest.approx(0.5), "3": pytest.approx(20 / 180, abs=1e-5)}
-    assert after["steerprune_batch_size"]["count"] == 0  # absent from the page: empty, not an error
-
-    def unreachable(host, port, path):
-        raise UserError("cannot reach the server")
-
-    monkeypatch.setattr(loadtest, "_get", unreachable)
-    assert loadtest.scrape_histograms("127.0.0.1", 1)["steerprune_batch_size"] == {"buckets": {}, "sum": 0.0, "count": 0.0}

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from steerprune.export.bench import run_bench  # noqa: E402
+from steerprune.bench.run import run_bench  # noqa: E402
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_bench_writes_json_and_plot(tiny_bundle, tmp_path):
 
 def test_bench_refuses_cuda_it_cannot_use(tiny_bundle, tmp_path):
     from steerprune.errors import UserError
-    from steerprune.export.manifest import gpu_visible, ort_providers
+    from steerprune.export.runtime import gpu_visible, ort_providers
 
     try:
         cuda_usable = bool(ort_providers("cuda")) and gpu_visible()
@@ -53,7 +53,7 @@ def test_bench_refuses_cuda_it_cannot_use(tiny_bundle, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_bench_on_cuda(tiny_bundle, tmp_path):
-    from steerprune.export.manifest import gpu_visible
+    from steerprune.export.runtime import gpu_visible
 
     if not gpu_visible():
         pytest.skip("no NVIDIA GPU visible")

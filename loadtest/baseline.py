@@ -1,0 +1,82 @@
+"""The in-process baseline: the bundle's models run by ONNX Runtime in this process on the same requests, for the
+answers the server must return and the throughput it could reach. Needs the serve extra (onnxruntime)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .client import Sample
+from .plan import Planned
+
+__all__ = ["inprocess_baseline", "baseline_report"]
+
+
+def inprocess_baseline(bundle: str, x: np.ndarray, plan: list[Planned], threads: int = 0, seconds: float = 1.5,
+                       hint_mode: str = "verify", min_prob: float = 0.7) -> dict:
+    """Offline answers for the plan (what the server must return, in its hint mode), the full model's prediction
+    for every image, and each model's ONNX Runtime ms per image at batch 1 and 32."""
+    from steerprune.service.config import ServeConfig
+    from steerprune.service.engine import FULL, Engine
+
+    eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads, hint_mode=hint_mode, min_prob=min_prob))
+    per_model = {}
+    for model in eng.sessions:
+        row = {}
+        for b in (1, 32):
+            xb = x[:b] if len(x) >= b else np.repeat(x[:1], b, 0)
+            eng.logits(model, xb)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 2:
+                eng.logits(model, xb)
+                n += 1
+            row[f"ms_per_image_b{b}"] = round((time.perf_counter() - t0) / (n * b) * 1000, 4)
+        row["routes"] = sorted(r for r, v in eng.routes.items() if v.model == model)
+        per_model[model] = row
+    route_names = [p.hint if p.hint in eng.routes else FULL for p in plan]
+    xs = x[[p.image for p in plan]]
+    answers = []
+    for s in range(0, len(plan), 256):
+        answers += eng.run(xs[s:s + 256], route_names[s:s + 256])
+    full_pred = eng.logits(eng.full_model, x).argmax(1)
+    return {"models": per_model, "answers": answers, "full_pred": full_pred, "threads": threads or "ort default"}
+
+
+def baseline_report(bundle: str, pngs: list[bytes], plan: list[Planned], samples: list[Sample], labels: np.ndarray,
+                    listing: dict, throughput_rps: Optional[float], accuracy: Optional[float],
+                    threads: int = 0) -> dict:
+    """Report keys from the in-process baseline: "inprocess" (model speeds, full-model accuracy, answers differing
+    from the server's), and with answers "accuracy_minus_full_points" and "server_share_of_inprocess_throughput"."""
+    from steerprune.export.manifest import load_manifest
+    from steerprune.service.preprocess import InputSpec, decode_image
+
+    spec = InputSpec.from_manifest(load_manifest(bundle)["input"])
+    x = np.stack([decode_image(p, spec, 1 << 30) for p in pngs])  # the server's decode of the same bytes
+    ok = [s for s in samples if s.status == 200]
+    used = max((s.planned for s in samples), default=-1) + 1
+    base = inprocess_baseline(bundle, x, plan[:used], threads=threads, hint_mode=listing.get("hint_mode", "verify"),
+                              min_prob=listing.get("min_prob", 0.7))
+    full_correct = [int(base["full_pred"][plan[s.planned].image]) == int(labels[plan[s.planned].image]) for s in ok]
+    mism = [s.planned for s in ok if s.answer["index"] != int(base["answers"][s.planned].probs.argmax())
+            or s.answer["fallback"] != base["answers"][s.planned].fallback]
+    out: dict = {"inprocess": {
+        "models": base["models"], "threads": base["threads"],
+        "full_model_accuracy_same_requests": round(float(np.mean(full_correct)), 4) if ok else None,
+        "full_model_accuracy_all_images": round(float(np.mean(base["full_pred"] == labels)), 4),
+        "answers_differing_from_offline": len(mism)}}
+    if ok:
+        out["accuracy_minus_full_points"] = round((accuracy - np.mean(full_correct)) * 100, 2)
+        # the same answers computed in-process, each model at its faster batch size (1 or 32: on 2 threads a DeiT-S
+        # runs faster per image at batch 1): each request's model, plus the full model on fallback
+        ms = {m.split("/")[-1]: min(v["ms_per_image_b1"], v["ms_per_image_b32"]) for m, v in base["models"].items()}
+        full_ms = ms[Path(listing["full"]["model"]).name]
+        routed_ms = {r: ms[Path(v["model"]).name] for r, v in listing["routes"].items()}
+        busy_ms = sum(routed_ms.get(s.answer["route"], full_ms) + (full_ms if s.answer["fallback"] else 0.0)
+                      for s in ok)
+        inproc_rps = len(ok) / (busy_ms / 1000) if busy_ms else None
+        out["inprocess"]["throughput_rps_same_requests"] = round(inproc_rps, 1) if inproc_rps else None
+        out["server_share_of_inprocess_throughput"] = (round(throughput_rps / inproc_rps, 3)
+                                                       if inproc_rps and throughput_rps else None)
+    return out
