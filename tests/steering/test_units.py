@@ -1,0 +1,163 @@
+"""Per-route MLP unit choice: importance, candidate cuts, the val rule, the stage's files and the export it feeds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from steerprune.errors import UserError  # noqa: E402
+from steerprune.steering.units import (UnitCandidate, UnitsConfig, apply_units, candidate_units,  # noqa: E402
+                                       select_units, unit_importance)
+
+
+def test_config_validation():
+    assert UnitsConfig(fractions=[0.5, 0.1, 0.5]).fractions == [0.1, 0.5]
+    for bad in (dict(eps=-0.1), dict(reference="x"), dict(importance="x"), dict(images=0), dict(fractions=[0.0]),
+                dict(fractions=[1.5]), dict(schemes=["x"]), dict(schemes=[])):
+        with pytest.raises(UserError):
+            UnitsConfig(**bad)
+
+
+def test_candidate_units_cut_the_least_important():
+    imp = [np.array([5.0, 1.0, 3.0, 0.5]), np.array([0.1, 0.2, 0.3, 0.4])]
+    assert candidate_units(imp, 0.5, "uniform") == [[0, 2], [2, 3]]
+    # global: the 4 most important of all 8 units, wherever they are
+    assert candidate_units(imp, 0.5, "global") == [[0, 1, 2, 3], []]
+    assert candidate_units(imp, 0.25, "global") == [[0, 1, 2, 3], [2, 3]]
+    assert candidate_units(imp, 1.0, "uniform") == [[], []]
+
+
+def test_select_units_rule():
+    c = [UnitCandidate("none", 0.0, None, 0.8, 0.75), UnitCandidate("uniform", 0.2, [[0]], 0.7, 0.748),
+         UnitCandidate("uniform", 0.4, [[0]], 0.6, 0.74), UnitCandidate("global", 0.4, [[0]], 0.6, 0.745)]
+    assert select_units(c, 0.75, 0.003).cut == 0.2
+    best = select_units(c, 0.75, 0.01)
+    assert (best.scheme, best.flops_rel) == ("global", 0.6)  # same FLOPs: the more accurate one
+    assert select_units(c, 0.75, 0.0).scheme == "none"
+    with pytest.raises(ValueError):
+        select_units(c[1:], 0.9, 0.0)
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                             num_classes=5, embed_dim=48, depth=3, num_heads=6, mlp_ratio=2.0).eval()
+
+
+class _Cfg:  # what to_tensor reads from a BackboneConfig
+    img_size, mean, std = 8, [0.5], [0.25]
+
+
+def test_taylor_importance_is_the_mask_gradient():
+    """|sum_tokens a dL/da| per image equals |dL/dm_u| for a unit mask m at 1: check it against autograd directly."""
+    from steerprune.export.prune import mask_mlp_units
+    from steerprune.training.model import GatedViT
+    from steerprune.training.tensors import to_tensor
+
+    vit = _vit()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 5, size=6)
+    head_mask = [[1] * 6, [1, 0, 1, 0, 1, 1], [0, 0, 1, 1, 0, 0]]
+    got = unit_importance(vit, images, labels, _Cfg, head_mask, "taylor", batch_size=4)
+    masked = mask_mlp_units(vit, [list(range(96))[:-1]] * 3)  # MaskedMlp everywhere (the mask is reset below)
+    model = GatedViT(masked)
+    want = [np.zeros(96) for _ in range(3)]
+    for i in range(6):
+        ms = []
+        for blk in masked.blocks:
+            blk.mlp.unit_mask = torch.ones(96, requires_grad=True)
+            ms.append(blk.mlp.unit_mask)
+        x = to_tensor(images[i:i + 1], _Cfg)
+        loss = torch.nn.functional.cross_entropy(model(x, head_mask=torch.tensor(head_mask, dtype=torch.float32)).logits,
+                                                 torch.tensor(labels[i:i + 1]))
+        for l, g in enumerate(torch.autograd.grad(loss, ms)):
+            want[l] += g.abs().numpy() / 6
+    for l in range(3):
+        np.testing.assert_allclose(got[l], want[l], rtol=1e-4, atol=1e-8)
+    assert all(g.max() > 0 for g in got)
+    act = unit_importance(vit, images, labels, _Cfg, head_mask, "activation")
+    assert all((a >= 0).all() and a.shape == (96,) for a in act)
+
+
+@pytest.fixture(scope="module")
+def tiny_units(tiny_run, tmp_path_factory):
+    """units_run on tiny_run with the hand-made steering report of the export tests."""
+    from steerprune.steering.units import units_run
+    from tests.conftest import TINY_ROUTES
+
+    tmp = tmp_path_factory.mktemp("units")
+    report = tmp / "report.json"
+    report.write_text(json.dumps({"routes": TINY_ROUTES, "config": {"tau": 0.5, "aggregate": "vote"}}))
+    cfg = UnitsConfig(eps=0.02, images=64, global_images=256, fractions=[0.25, 0.5, 0.75])
+    out = units_run(tiny_run, cfg, report_path=report, out_dir=tmp / "steering", log=lambda *_: None)
+    return tmp, report, out
+
+
+@pytest.mark.slow
+def test_units_stage_files_and_rule(tiny_units, tiny_run):
+    tmp, report, out = tiny_units
+    saved = json.loads((tmp / "steering" / "units.json").read_text())
+    cfg = json.loads((tmp / "steering" / "units_config.json").read_text())
+    assert cfg["eps"] == 0.02 and cfg["selection"] == "val" and cfg["importance_on"] == "train"
+    assert [r["name"] for r in saved["routes"]] == ["0", "1", "7", "even", "3"]
+    for r in saved["routes"]:
+        v = r["val"]
+        # the rule held on val, and nothing cheaper that also held was passed over
+        assert v["acc"] >= v["reference_acc"] - 0.02 - 1e-9
+        ok = [c for c in v["candidates"] if c[3] >= v["reference_acc"] - 0.02 - 1e-9]
+        assert r["flops_rel"] == pytest.approx(min(c[2] for c in ok), abs=1e-4)
+        assert r["flops_rel"] <= r["flops_rel_heads_only"] + 1e-12
+        if r["mlp_units"] is None:
+            assert r["cut"] == 0.0 and r["scheme"] == "none"
+        else:
+            assert sum(r["mlp_kept"].values()) == sum(map(len, r["mlp_units"])) < 4 * 192
+    assert saved["summary"]["routes_cut"] >= 1  # digits at eps 2 points: some route can lose units
+    g = saved["global"]
+    assert g["chosen"]["flops_rel"] <= g["flops_rel_heads_only"] + 1e-12
+    assert len(g["matched_heads_mlp"]["test_route_acc"]) == 5
+
+
+@pytest.mark.slow
+def test_export_with_units(tiny_units, tiny_run, tmp_path):
+    from steerprune.export.bundle import export_bundle
+    from steerprune.export.manifest import verify_bundle
+
+    tmp, report, out = tiny_units
+    units_path = tmp / "steering" / "units.json"
+    m = export_bundle(tiny_run, tmp_path / "b", report_path=report, units_path=units_path, cost_batch=None,
+                      log=lambda *_: None)
+    assert m["run"]["units_source"] == f"units:{units_path}"
+    chosen = {r["name"]: r for r in out["routes"]}
+    for name, r in m["routes"].items():
+        want = chosen[name]
+        assert r["flops_rel"] == pytest.approx(want["flops_rel"])
+        assert r["mlp_kept"] == want["mlp_kept"]
+        if want["mlp_units"] is not None:
+            assert "heads_mlp_" in r["model"] and m["models"][r["model"]]["mlp_units"] == want["mlp_units"]
+    # routes "0" and "1" share a head mask; they share a model only if their units are the same too
+    same = chosen["0"]["mlp_units"] == chosen["1"]["mlp_units"]
+    assert (m["routes"]["0"]["model"] == m["routes"]["1"]["model"]) == same
+    verify_bundle(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_units_for_another_mask_refused(tiny_units, tiny_run, tmp_path):
+    from steerprune.training.run import load_run
+
+    tmp, report, _ = tiny_units
+    d = json.loads((tmp / "steering" / "units.json").read_text())
+    d["routes"][0]["mask"] = [[1] * 6] * 4
+    bad = tmp_path / "units.json"
+    bad.write_text(json.dumps(d))
+    routes = [dict(name="0", classes=[0], mask=json.loads(report.read_text())["routes"][0]["mask"])]
+    with pytest.raises(UserError, match="different head mask"):
+        apply_units(load_run(tiny_run), routes, bad)
+    d["routes"][0]["mlp_units"] = [[999]] * 4
+    bad.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="unit indices"):
+        apply_units(load_run(tiny_run), routes, bad)
