@@ -1,12 +1,13 @@
-"""Pure metric functions: SAE quality (FVU, L0, dead latents), accuracy and head usage."""
+"""Pure metric functions: SAE quality (FVU, L0, dead latents), accuracy, head usage, and the statistics the reports
+use (Wilson intervals, the exact McNemar test, a paired bootstrap interval), the latter through `scipy.stats`."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
-__all__ = ["fvu", "l0", "dead_fraction", "accuracy", "binomial_ci", "head_usage_summary"]
+__all__ = [
+    "fvu", "l0", "dead_fraction", "accuracy", "binomial_ci", "mcnemar_p", "paired_diff_ci", "head_usage_summary",
+]
 
 
 def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
@@ -28,15 +29,38 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(pred) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
 
-def binomial_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for an accuracy of correct/n."""
+def binomial_ci(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for an accuracy of correct/n (nan, nan when n is 0)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return float("nan"), float("nan")
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs of a paired comparison on the same images:
+    b images right only under A, c right only under B (a binomial test of b in b + c at 1/2)."""
+    from scipy.stats import binomtest
+
+    return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+
+def paired_diff_ci(correct_a: np.ndarray, correct_b: np.ndarray, confidence: float = 0.95,
+                   n_resamples: int = 9999, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of acc(A) − acc(B) over the same images, resampling images (pairs kept).
+    correct_a, correct_b: (N,) booleans, image i right under A / under B."""
+    from scipy.stats import bootstrap
+
+    d = np.asarray(correct_a, dtype=np.float64) - np.asarray(correct_b, dtype=np.float64)  # (N,) in {-1, 0, 1}
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    if np.all(d == d[0]):  # no spread: every resample has the same mean
+        return float(d[0]), float(d[0])
+    res = bootstrap((d,), np.mean, n_resamples=n_resamples, batch=max(1, min(n_resamples, 2_000_000 // len(d))),
+                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def head_usage_summary(masks: np.ndarray, gated_layers: list[int]) -> dict:
