@@ -7,7 +7,7 @@ service's size without looking at it; `--server uvicorn` uses a one-line ASGI ap
 paced at `--rate` with `--users` users sending a digits-sized multipart PNG form, as a load test does. With two or
 more cores the server runs on one and the client on another. `--clients` alternates several clients over
 `--rounds` rounds (httpx: a minimal httpx.AsyncClient driver with the same pacing, for comparison); the report
-holds each run and the median p50/p99 per client.
+holds each run (with the client's own CPU per request and the machine's load average) and the medians per client.
 """
 from __future__ import annotations
 
@@ -137,11 +137,15 @@ def _body_fn():
 
 
 def measure(client: str, url: str, users: int, duration: float, rate: float) -> dict:
+    """One paced run: latency percentiles, and the client's own CPU per request (its process, not the stub's)."""
+    cpu0 = time.process_time()
     lat, sent, wall = CLIENTS[client](url, _body_fn(), int(rate * duration * 2), users, duration, rate)
+    cpu = time.process_time() - cpu0
     a = np.asarray(lat) * 1000
     p50, p99 = np.percentile(a, [50, 99])
     return {"client": client, "requests": sent, "ok": len(lat), "rps": round(len(lat) / wall, 1),
-            "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3), "max_ms": round(float(a.max()), 3)}
+            "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3), "max_ms": round(float(a.max()), 3),
+            "client_cpu_us_per_request": round(cpu / max(sent, 1) * 1e6, 1), "load_avg_1m": os.getloadavg()[0]}
 
 
 def main() -> int:
@@ -189,7 +193,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(10)
     medians = {c: {key: round(float(np.median([r[key] for r in runs if r["client"] == c])), 3)
-                   for key in ("p50_ms", "p99_ms", "rps")} for c in clients}
+                   for key in ("p50_ms", "p99_ms", "rps", "client_cpu_us_per_request")} for c in clients}
     report = {"rate": args.rate, "users": args.users, "duration_s": args.duration, "rounds": args.rounds,
               "server": args.server, "machine": f"{os.cpu_count()} cores" + (
                   f"; stub server on core {cores[0]}, client on core {cores[1]}" if len(cores) >= 2 else ""),
