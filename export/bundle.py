@@ -20,23 +20,28 @@ import torch
 
 from steerprune.errors import UserError
 
-from .manifest import (INPUT_NAME, MANIFEST, OUTPUT_NAME, SAMPLES_FILE, SCHEMA_VERSION, max_abs_diff, ort_session,
-                       sha256_file, validate_manifest, verify_bundle)
+from .acceptance import EPS, WRONG_EPS, choose_rule
+from .manifest import (INPUT_NAME, MANIFEST, OUTPUT_NAME, SAMPLES_FILE, SCHEMA_VERSION, max_abs_diff, sha256_file,
+                       validate_manifest, verify_bundle)
+from .runtime import ort_session
 from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torch_logits
-from .prune import check_mask, count_params, kept_heads, manual_attention, mask_key, prune_vit
+from .prune import (check_mask, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units, mlp_kept,
+                    prune_vit)
 
-__all__ = ["Route", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
+__all__ = ["RouteSpec", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
 
 PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
 N_SAMPLES = 8  # test images stored in samples.npz for `bundle verify`
+N_WRONG = 1000  # most validation images of other classes a route's rule is checked on with its hint (seeded draw)
 FULL_FILE = "models/full.onnx"
 
 
-class Route(dict):
-    """One hint name's route: name, classes, mask (depth x H), acc, off_route_acc (None when not known)."""
+class RouteSpec(dict):
+    """One hint name's route as export reads it: name, classes, mask (depth x H), acc, off_route_acc (None when not
+    known)."""
 
 
-def _routes_from_report(path: Path) -> list[Route]:
+def _routes_from_report(path: Path) -> list[RouteSpec]:
     from steerprune.training.run import read_json
 
     rep = read_json(path)
@@ -46,12 +51,12 @@ def _routes_from_report(path: Path) -> list[Route]:
     for i, r in enumerate(rep["routes"]):
         if not isinstance(r, dict) or not {"name", "classes", "mask"} <= set(r):
             raise UserError(f"{path}: routes[{i}] needs name, classes and mask")
-        out.append(Route(name=str(r["name"]), classes=r["classes"], mask=r["mask"], acc=r.get("acc"),
+        out.append(RouteSpec(name=str(r["name"]), classes=r["classes"], mask=r["mask"], acc=r.get("acc"),
                          off_route_acc=r.get("off_route_acc")))
     return out
 
 
-def _routes_from_masks(path: Path) -> list[Route]:
+def _routes_from_masks(path: Path) -> list[RouteSpec]:
     from steerprune.training.run import read_json
 
     d = read_json(path)
@@ -61,11 +66,11 @@ def _routes_from_masks(path: Path) -> list[Route]:
     for name, r in d.items():
         if not isinstance(r, dict) or not {"classes", "mask"} <= set(r):
             raise UserError(f"{path}: route {name!r} needs 'classes' and 'mask'")
-        out.append(Route(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
+        out.append(RouteSpec(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
     return out
 
 
-def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[Route], str]:
+def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[RouteSpec], str]:
     """The routes to export and where they came from; masks are checked against the run's backbone."""
     if report_path is not None and masks_path is not None:
         raise UserError("give either --report or --masks, not both")
@@ -96,11 +101,6 @@ def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Pa
 def _ort_predict(sess, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     out = [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def _head_usage(mask: list[list[int]], gated: list[int]) -> float:
-    rows = [mask[i] for i in gated] if gated else mask  # mean over gated layers, as the steering report counts it
-    return float(np.mean(rows))
 
 
 def write_triton_layout(out_dir: Path, manifest: dict) -> Path:
@@ -159,16 +159,26 @@ class _Fp16Wrapper(torch.nn.Module):
 
 
 def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: bool = False, layout: Optional[str] = None,
-                  log=print) -> dict:
-    """Export the full model and one pruned model per distinct route mask into out_dir; returns the manifest."""
+                  log=print, eps: float = EPS, cost_batch: Optional[int] = 16, units_path=None,
+                  wrong_eps: float = WRONG_EPS) -> dict:
+    """Export the full model and one pruned model per distinct route mask into out_dir; returns the manifest.
+
+    Each route's acceptance rule is chosen on the run's validation split (`eps`: allowed accuracy loss against the
+    full model on the route's images, `wrong_eps` on images of other classes sent with its hint; fractions); with `cost_batch`, the offline cost per hinted request is then timed on the test split
+    at that batch size and recorded under "cost" (None: not timed). `units_path`: a `steerprune units` file whose
+    MLP hidden units are removed too from the routes it lists (None: heads only).
+    """
+    from steerprune.steering.masks import head_usage
+    from steerprune.steering.units import apply_units
     from steerprune.training.model import GatedViT, head_flops
     from steerprune.training.run import load_run, read_json, versions, write_json
-    from steerprune.training.train import to_tensor
+    from steerprune.training.tensors import ImageTensors
 
     if layout not in (None, "triton"):
         raise UserError(f"unknown layout {layout!r}: use 'triton' or leave it out")
     run = load_run(run_dir, need=("backbone",))
     routes, source = read_routes(run, report_path, masks_path)
+    units_source = apply_units(run, routes, units_path, log)  # sets r["mlp_units"] (None: heads only)
     bcfg, vit = run.backbone, run.vit.eval()
     gated = GatedViT(vit).eval()  # static masks only: the policy plays no part in a route's model
     gated_layers = list(run.policy.cfg.gated_layers) if run.policy is not None else []
@@ -178,7 +188,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     torch.manual_seed(0)
 
     data = run.load_data()
-    test_x = to_tensor(data.test.images, bcfg)  # (N, C, S, S) exactly what the server will feed
+    test_x = ImageTensors(data.test.images, bcfg)  # (N, C, S, S) as the server feeds it, converted when indexed
     pick = np.linspace(0, len(test_x) - 1, num=min(N_SAMPLES, len(test_x))).round().astype(int)
     samples = {"inputs": test_x[pick].numpy().astype(np.float32)}
     sample_keys = {}
@@ -187,20 +197,22 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     full_mask = [[1] * H for _ in range(depth)]
     distinct: dict[str, dict] = {mask_key(full_mask): {"mask": full_mask, "file": FULL_FILE, "routes": []}}
     for r in routes:
-        key = mask_key(r["mask"])
-        distinct.setdefault(key, {"mask": r["mask"], "file": f"models/heads_{key}.onnx", "routes": []})
+        key = mask_key(r["mask"], r["mlp_units"])
+        name = f"heads_{key}" if r["mlp_units"] is None else f"heads_mlp_{key}"  # the key covers heads and units
+        distinct.setdefault(key, {"mask": r["mask"], "units": r["mlp_units"], "file": f"models/{name}.onnx", "routes": []})
         distinct[key]["routes"].append(r["name"])
 
     models, sessions = {}, {}
     for i, (key, d) in enumerate(distinct.items()):
-        mask, rel = d["mask"], d["file"]
+        mask, rel, units = d["mask"], d["file"], d.get("units")
         is_full = rel == FULL_FILE
-        ref = manual_attention(copy.deepcopy(vit)).eval() if is_full else MaskedLogits(gated, mask).eval()
-        model = ref if is_full else manual_attention(prune_vit(vit, mask))
+        ref_gated = gated if units is None else GatedViT(mask_mlp_units(vit, units)).eval()  # units zeroed, not removed
+        ref = manual_attention(copy.deepcopy(vit)).eval() if is_full else MaskedLogits(ref_gated, mask).eval()
+        model = ref if is_full else manual_attention(prune_vit(vit, mask, units))
         # slicing check on real and random inputs before anything is written
         probe = torch.cat([test_x[pick], torch.randn(3, *test_x.shape[1:])])
         with torch.no_grad():
-            diff = max_abs_diff(model(probe).numpy(), gated(probe, head_mask=torch.tensor(mask, dtype=torch.float32)).logits.numpy())
+            diff = max_abs_diff(model(probe).numpy(), ref_gated(probe, head_mask=torch.tensor(mask, dtype=torch.float32)).logits.numpy())
         if diff > PRUNE_TOL:
             raise RuntimeError(f"pruned model for mask {key} differs from the gated model by {diff:.3g} (> {PRUNE_TOL})")
         path = export_onnx(model, out_dir / rel, bcfg.in_chans, bcfg.img_size)
@@ -210,12 +222,13 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
                                f"(> {PARITY_TOL}) at batch sizes {parity.max_abs}")
         sample_keys[rel] = f"logits_{i}"
         samples[f"logits_{i}"] = torch_logits(ref, samples["inputs"])
-        flops = head_flops(vit, mask)
+        flops = head_flops(vit, mask, units)
         models[rel] = {
             "sha256": sha256_file(path), "mask": mask, "kept_heads": kept_heads(mask),
-            "head_usage": 1.0 if is_full else _head_usage(mask, gated_layers), "flops_rel": flops["rel"],
+            "head_usage": 1.0 if is_full else head_usage(mask, gated_layers or list(range(depth))), "flops_rel": flops["rel"],
             "macs": flops["macs"], "params": count_params(model),
             "parity": parity.max_abs, "prune_max_abs": diff, "routes": d["routes"], "bytes": path.stat().st_size,
+            "mlp_kept": mlp_kept(vit, units), "mlp_units": units,
         }
         if fp16:
             models[rel]["fp16"] = _export_fp16(model, ref, out_dir / rel.replace(".onnx", ".fp16.onnx"), bcfg)
@@ -225,21 +238,31 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
 
     # accuracy with ONNX Runtime on the run's test split: the full model everywhere, each route on its classes
     labels = data.test.labels
-    preds = {rel: _ort_predict(s, test_x).argmax(1) for rel, s in sessions.items()}
+    preds = {}
+    for rel, sess in sessions.items():  # a pruned model only on its routes' classes: all that route_entry reads
+        own = np.ones(len(labels), bool) if rel == FULL_FILE else np.isin(labels, sorted(
+            {c for r in routes if distinct[mask_key(r["mask"], r["mlp_units"])]["file"] == rel for c in r["classes"]}))
+        preds[rel] = np.full(len(labels), -1)
+        if own.any():
+            preds[rel][own] = _ort_predict(sess, test_x[np.flatnonzero(own)]).argmax(1)
     full_acc = float((preds[FULL_FILE] == labels).mean())
+    choices = _choose_acceptance(routes, distinct, models, sessions, ImageTensors(data.val.images, bcfg),
+                                 data.val.labels, eps, wrong_eps, log)
 
-    def route_entry(r: Route) -> dict:
-        rel = distinct[mask_key(r["mask"])]["file"]
+    def route_entry(r: RouteSpec) -> dict:
+        rel = distinct[mask_key(r["mask"], r["mlp_units"])]["file"]
         m = models[rel]
         on = np.isin(labels, r["classes"])
         return {
             "classes": r["classes"], "model": rel, "sha256": m["sha256"], "mask": m["mask"],
             "kept_heads": m["kept_heads"], "head_usage": m["head_usage"], "flops_rel": m["flops_rel"],
+            "mlp_kept": m["mlp_kept"],
             "params": m["params"], "acc": r["acc"], "off_route_acc": r["off_route_acc"],
             # measured here with ONNX Runtime on the route's classes of the test split, for the record
             "onnx_acc": float((preds[rel][on] == labels[on]).mean()) if on.any() else None,
             "full_onnx_acc": float((preds[FULL_FILE][on] == labels[on]).mean()) if on.any() else None,
             "n_test": int(on.sum()),
+            "acceptance": choices[r["name"]],
         }
 
     fm = models[FULL_FILE]
@@ -250,13 +273,16 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "run": {"path": str(run.path.resolve()), "backbone": read_json(run.path / "backbone.json"),
-                "policy": policy_cfg, "data_spec": bcfg.data_spec, "routes_source": source},
+                "policy": policy_cfg, "data_spec": bcfg.data_spec, "routes_source": source,
+                "units_source": units_source},
         "input": {**bcfg.preprocessing(), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME},
         "classes": list(bcfg.class_names), "groups": dict(bcfg.groups),
         "full": {"model": FULL_FILE, "sha256": fm["sha256"], "mask": fm["mask"], "kept_heads": fm["kept_heads"],
                  "head_usage": 1.0, "flops_rel": 1.0, "params": fm["params"], "acc": full_acc,
                  "n_test": int(len(labels))},
         "routes": {r["name"]: route_entry(r) for r in routes},
+        "acceptance": {"split": "val", "eps": float(eps), "wrong_eps": float(wrong_eps), "n": int(len(data.val.labels)),
+                       "n_wrong_max": N_WRONG, "cost": "flops_rel + fallback rate (relative to the full model)"},
         "models": models,
         "samples": {"file": SAMPLES_FILE, "inputs": "inputs", "logits": sample_keys, "n": int(len(pick)),
                     "sha256": sha256_file(out_dir / SAMPLES_FILE)},
@@ -270,4 +296,43 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     verify_bundle(out_dir)
     log(f"wrote {out_dir}/{MANIFEST}: {len(routes)} routes -> {len(models) - 1} pruned models + full "
         f"(full ONNX test acc {full_acc:.4f}); bundle verified")
+    if cost_batch:
+        from .cost import cost_lines, offline_cost
+
+        manifest["cost"] = offline_cost(out_dir, test_x, labels, batch_size=cost_batch, log=log)
+        write_json(out_dir / MANIFEST, manifest)
+        for line in cost_lines(manifest["cost"]):
+            log(line)
     return manifest
+
+
+def _choose_acceptance(routes, distinct, models, sessions, val_x, val_labels: np.ndarray, eps: float,
+                       wrong_eps: float, log) -> dict:
+    """Each route's acceptance rule (export/acceptance.py) from ONNX Runtime outputs of its model and the full model
+    on the validation images of its classes (right hints) and on up to N_WRONG others (wrong hints); returns
+    {route name: manifest acceptance entry}."""
+    from .acceptance import softmax
+
+    full_pred = _ort_predict(sessions[FULL_FILE], val_x).argmax(1)
+    rng = np.random.default_rng(0)
+    out = {}
+    for r in routes:
+        rel = distinct[mask_key(r["mask"], r["mlp_units"])]["file"]
+        on = np.isin(val_labels, r["classes"])
+        right, others = np.flatnonzero(on), np.flatnonzero(~on)
+        wrong = np.sort(rng.choice(others, size=min(N_WRONG, len(others)), replace=False))
+        idx = np.concatenate([right, wrong])
+        probs = softmax(_ort_predict(sessions[rel], val_x[idx])) if len(idx) else np.zeros((0, 1), np.float32)
+        pr, pw = probs[:len(right)], probs[len(right):]
+        c = choose_rule(pr, full_pred[right], val_labels[right], r["classes"], models[rel]["flops_rel"], eps,
+                        wrong=(pw, full_pred[wrong], val_labels[wrong]) if len(wrong) else None, wrong_eps=wrong_eps)
+        out[r["name"]] = {"served": c.served, "reason": c.reason, "kind": c.kind, "rule": c.rule.to_json(),
+                          "val": {"n": c.n, "acc": c.score.acc, "full_acc": c.full_acc, "fallback": c.score.fallback,
+                                  "off_route": c.off_route, "cost": c.score.cost},
+                          "val_wrong_hints": None if c.wrong is None else c.wrong._asdict()}
+        wr = "" if c.wrong is None else f"; wrong hints acc {c.wrong.acc:.4f} (full {c.wrong.full_acc:.4f})"
+        log(f"route {r['name']!r}: " + (
+            f"accept top-1 in route, p >= {c.rule.min_prob:.3f}, margin >= {c.rule.min_margin:.3f}: val acc "
+            f"{c.score.acc:.4f} (full {c.full_acc:.4f}), fallback {c.score.fallback:.3f}, expected cost "
+            f"{c.score.cost:.3f}{wr}" if c.served else f"NOT SERVED (its hint goes to the full model): {c.reason}"))
+    return out

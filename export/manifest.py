@@ -3,7 +3,12 @@
 The service imports this module to load a bundle, so it must never import torch. Every failure is a `BundleError`
 (a `UserError`) with a one-line message naming the file or key that is wrong.
 
-    BUNDLE/manifest.json      schema_version 1 (see context.md); model paths relative to BUNDLE
+Schema 2 adds each route's acceptance rule, chosen at export on the validation split (export/acceptance.py):
+`routes[name].acceptance` = {served, reason, kind, rule: {min_prob, min_margin, top1_in_route}, val: {n, acc,
+full_acc, fallback, off_route, cost}}, and a top-level `acceptance` = {split, eps, n}. A schema-1 bundle has
+neither: the service applies one global rule to every route of it.
+
+    BUNDLE/manifest.json      schema_version 2 (1 still loads); model paths relative to BUNDLE
     BUNDLE/models/*.onnx      one file per distinct head mask, plus models/full.onnx
     BUNDLE/samples.npz        preprocessed sample inputs + the PyTorch logits each model must reproduce
 """
@@ -12,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,13 +24,16 @@ import numpy as np
 
 from steerprune.errors import UserError
 
+from .runtime import ort_session
+
 __all__ = [
     "SCHEMA_VERSION", "INPUT_NAME", "OUTPUT_NAME", "MANIFEST", "SAMPLES_FILE", "VERIFY_TOL", "BundleError",
-    "sha256_file", "CUDA_PROVIDER", "gpu_visible", "ort_providers", "preload_cuda_libs", "ort_session", "max_abs_diff",
-    "load_manifest", "validate_manifest", "verify_bundle", "model_paths",
+    "SUPPORTED_SCHEMAS", "sha256_file", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
+    "model_paths",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (1, 2)  # 1: no per-route acceptance rules (the service's global min_prob applies)
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MANIFEST = "manifest.json"
@@ -54,73 +60,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# use_tf32 0: CUDA's default TF32 matmuls moved logits by 2e-3 on an H200 (20x the bundle's parity tolerance); the
-# bundle's accuracies were measured in float32, so the GPU must compute what was verified.
-# cudnn_conv_algo_search HEURISTIC: the default (EXHAUSTIVE) benchmarks every cuDNN algorithm for the patch-embedding
-# Conv at each new input shape, and a batching server sees a new batch size per model all the time
-# (microsoft/onnxruntime#709, #19838). Not yet measured here: see README, "GPU".
-CUDA_PROVIDER = ("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"})
-
-
-def gpu_visible() -> bool:
-    """An NVIDIA GPU this process could use (onnxruntime-gpu lists CUDA even without one, so ask the system)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
-
-
-def ort_providers(device: str = "cpu") -> list[str]:
-    """Execution providers for `device` ('cpu' | 'cuda'). For CUDA, first preload CUDA/cuDNN from pip wheels
-    (nvidia-*) when onnxruntime can, and say plainly when this onnxruntime has no CUDA provider at all."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device != "cuda":
-        raise UserError(f"unknown device {device!r}: use cpu or cuda")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider: install onnxruntime-gpu "
-                        "(and not onnxruntime beside it)")
-    preload_cuda_libs()
-    return [CUDA_PROVIDER, "CPUExecutionProvider"]
-
-
-def preload_cuda_libs(log=None) -> None:
-    """Let onnxruntime-gpu find CUDA/cuDNN installed as pip wheels (nvidia-*, e.g. beside a CUDA torch).
-    Failure is only logged: whoever asked for CUDA checks which provider each session really got."""
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception as e:  # noqa: BLE001
-            if log:
-                log(f"onnxruntime.preload_dlls failed: {e}")
-
-
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                device: str | None = None):
-    """An ONNX Runtime session; `threads` fixes intra-op threads (inter-op 1) so timings say what they used.
-
-    With `device='cuda'` the session must really run on CUDA: onnxruntime-gpu logs an error and silently falls
-    back to the CPU when CUDA cannot start, so that is refused here with the reason.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if device:
-        providers = ort_providers(device)
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
-    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
-        raise UserError(f"CUDA was requested but {Path(path).name} runs on {sess.get_providers()}: "
-                        "check the GPU driver, CUDA 13 and cuDNN 9")
-    return sess
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -160,11 +99,37 @@ def _check_mask(mask: Any, shape: tuple[int, int] | None, where: str) -> tuple[i
     return s
 
 
+def _number(v: Any, lo: float, hi: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_acceptance(a: Any, where: str) -> None:
+    _need(a, ("served", "reason", "kind", "rule", "val"), where)
+    if not isinstance(a["served"], bool):
+        _fail(f"manifest {where}.served must be true or false")
+    if not a["served"] and not (isinstance(a["reason"], str) and a["reason"]):
+        _fail(f"manifest {where}.reason must say why the route is not served")
+    _need(a["rule"], ("min_prob", "min_margin"), f"{where}.rule")
+    for k in ("min_prob", "min_margin"):
+        if not _number(a["rule"][k], 0.0, 1.0 + 1e-6):  # just above 1 only in a rule that accepts nothing
+            _fail(f"manifest {where}.rule.{k} must be a number in [0, 1]")
+    _need(a["val"], ("n", "acc", "full_acc", "fallback", "cost"), f"{where}.val")
+    for k in ("acc", "full_acc", "fallback"):
+        if not _number(a["val"][k], 0.0, 1.0):
+            _fail(f"manifest {where}.val.{k} must be a number in [0, 1]")
+    if not _number(a["val"]["cost"], 0.0, 2.0 + 1e-9):
+        _fail(f"manifest {where}.val.cost must be a number in [0, 2]")
+
+
 def validate_manifest(m: Any) -> dict:
     """Check the manifest's structure and internal consistency; returns it unchanged or raises BundleError."""
     _need(m, _TOP_KEYS, "(top level)")
-    if m["schema_version"] != SCHEMA_VERSION:
-        _fail(f"manifest schema_version {m['schema_version']!r} is not supported (expected {SCHEMA_VERSION})")
+    if m["schema_version"] not in SUPPORTED_SCHEMAS:
+        _fail(f"manifest schema_version {m['schema_version']!r} is not supported (expected one of "
+              f"{', '.join(map(str, SUPPORTED_SCHEMAS))})")
+    if m["schema_version"] >= 2:
+        _need(m, ("acceptance",), "(top level)")
+        _need(m["acceptance"], ("split", "eps", "n"), "acceptance")
     _need(m["input"], _INPUT_KEYS, "input")
     classes = m["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
@@ -185,6 +150,8 @@ def validate_manifest(m: Any) -> dict:
         if not isinstance(r["classes"], list) or not all(
                 isinstance(c, int) and 0 <= c < len(classes) for c in r["classes"]):
             _fail(f"manifest routes[{name!r}].classes must be class indices below {len(classes)}")
+        if m["schema_version"] >= 2:
+            _check_acceptance(r.get("acceptance"), f"routes[{name!r}].acceptance")
         entries.append((f"routes[{name!r}]", r))
     for where, e in entries:
         _check_rel_path(e["model"], where)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .manifest import INPUT_NAME, OUTPUT_NAME, max_abs_diff, ort_session
+from .manifest import INPUT_NAME, OUTPUT_NAME, max_abs_diff
+from .runtime import ort_session
 from .prune import manual_attention
 
 __all__ = ["OPSET", "PARITY_BATCHES", "PARITY_TOL", "MaskedLogits", "export_onnx", "check_onnx", "Parity",

@@ -1,8 +1,14 @@
 """The routing engine: one ONNX Runtime session per distinct model of a bundle, hints -> routes, verify/fallback.
 
-Torch-free and BentoML-free, so the offline parity check, the load test's in-process baseline and the service all
-run the same code. Routes whose head masks are identical share one model file (export dedups them) and therefore
-one session here; a batch is split by session, not by route, so such routes also share one model run.
+Torch-free and BentoML-free, so the offline parity check, the offline cost figure (export/cost.py), the load test's
+in-process baseline and the service all run the same code. Routes whose head masks are identical share one model
+file (export dedups them) and therefore one session here; a batch is split by session, not by route, so such routes
+also share one model run.
+
+In verify mode a routed answer stands only if its top-1 class is one of the route's classes and it passes the
+route's acceptance rule (export/acceptance.py): by default each route's own rule, chosen at export on validation
+(schema-2 manifests); a route export marked as not served sends its hint straight to the full model. With
+`acceptance='global'`, or for a schema-1 bundle, every route is served with the one rule top-1 >= `min_prob`.
 """
 from __future__ import annotations
 
@@ -14,27 +20,40 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from steerprune.errors import UserError
-from steerprune.export.manifest import gpu_visible
+from steerprune.export.acceptance import AcceptRule, accepted, softmax
+from steerprune.export.runtime import cuda_built, gpu_visible, ort_session
 
 from .config import ServeConfig
 from .preprocess import InputSpec
 
-__all__ = ["FULL", "Route", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax", "warm_sizes"]
+__all__ = ["FULL", "FALLBACK_REASONS", "ServingRoute", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax",
+           "warm_sizes"]
 
 log = logging.getLogger("steerprune.service")
 
 FULL = "full"  # the route name of the unpruned model (also what a request without hint gets)
+
+FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
+    "off_route": "the routed model's top-1 class is not one of the hint's classes: answered by the full model",
+    "low_confidence": "the routed answer fails the route's acceptance rule (top-1 probability or margin too low): "
+                      "answered by the full model",
+    "not_served": "export found this route no cheaper than the full model once its fallbacks are counted: "
+                  "its hints go to the full model",
+}
 
 
 class UnknownHint(UserError):
     """A hint that is neither a route name nor 'full'."""
 
 
-class Route(NamedTuple):
+class ServingRoute(NamedTuple):
+    """A hint name as the engine serves it."""
     name: str
     model: str  # bundle-relative model path: the session key
     classes: frozenset  # class indices this route answers for (all classes for 'full')
     entry: dict  # the manifest's route (or full) entry
+    rule: AcceptRule  # verify mode: what a routed answer must pass besides top-1 in `classes`
+    served: bool  # verify mode: False sends the hint straight to the full model
 
 
 class Result(NamedTuple):
@@ -42,15 +61,9 @@ class Result(NamedTuple):
     route: str  # route the request was sent to ('full' without hint)
     model: str  # model file that answered (the full model after a fallback)
     fallback: bool
-    fallback_reason: Optional[str]  # 'off_route' | 'low_confidence' | None
+    fallback_reason: Optional[str]  # a FALLBACK_REASONS key ('off_route' | 'low_confidence' | 'not_served') | None
     wrong_hint: bool  # the full model's answer lies outside the hint's classes
     routed_probs: Optional[np.ndarray]  # (C,) the routed model's softmax when it was overruled
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 class Engine:
@@ -69,19 +82,38 @@ class Engine:
         self.classes: list[str] = list(m["classes"])
         self.input_name, self.output_name = m["input"]["input_name"], m["input"]["output_name"]
         all_classes = frozenset(range(len(self.classes)))
-        self.routes: dict[str, Route] = {FULL: Route(FULL, m["full"]["model"], all_classes, m["full"])}
+        # per-route rules need a manifest that has them (schema 2); otherwise the one global rule
+        self.acceptance = "route" if cfg.acceptance == "route" and m["schema_version"] >= 2 else "global"
+        if cfg.acceptance == "route" and self.acceptance == "global":
+            say(f"bundle schema {m['schema_version']} has no per-route acceptance rules: every route is served "
+                f"with top-1 probability >= min_prob {cfg.min_prob}")
+        self.routes: dict[str, ServingRoute] = {
+            FULL: ServingRoute(FULL, m["full"]["model"], all_classes, m["full"], AcceptRule(), True)}
         for name, r in m["routes"].items():
             if name == FULL:
                 raise UserError("a route may not be called 'full': that name is the unpruned model")
-            self.routes[name] = Route(name, r["model"], frozenset(r["classes"]), r)
+            if self.acceptance == "route":
+                rule, served = AcceptRule.from_json(r["acceptance"]["rule"]), bool(r["acceptance"]["served"])
+            else:
+                rule, served = AcceptRule(cfg.min_prob, 0.0), True
+            self.routes[name] = ServingRoute(name, r["model"], frozenset(r["classes"]), r, rule, served)
         self.full_model = m["full"]["model"]
+        unserved = [n for n, r in self.routes.items() if not r.served]
+        if unserved and cfg.hint_mode == "verify":
+            say(f"routes not served (their hints go to the full model, as export decided): {', '.join(unserved)}")
 
-        self.requested_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _cuda_built() and gpu_visible())
+        self.requested_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda_built() and gpu_visible())
         self.sessions = {}
         self.providers: dict[str, list[str]] = {}
         self.problems: list[str] = []  # reasons the engine must not report ready
+        if self.requested_cuda and not cuda_built():
+            self.problems.append(f"CUDA was requested (device={cfg.device}) but this onnxruntime has no CUDA "
+                                 "provider: install onnxruntime-gpu (and not onnxruntime beside it)")
+        device = "cuda" if self.requested_cuda and not self.problems else "cpu"
         for rel in model_paths(m):
-            sess = self._session(self.bundle / rel)
+            # require_device off: a session that fell back to the CPU becomes a readiness problem, not a crash
+            sess = ort_session(self.bundle / rel, threads=cfg.threads or None, device=device, require_device=False,
+                               log=log.warning)
             self.sessions[rel] = sess
             self.providers[rel] = sess.get_providers()
             if self.requested_cuda and "CUDAExecutionProvider" not in self.providers[rel]:
@@ -96,22 +128,6 @@ class Engine:
         self.run_ms: dict[str, dict[int, float]] = {}  # model -> batch size -> ms per run, filled by warm_up
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
             f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
-
-    def _session(self, path: Path):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.inter_op_num_threads = 1
-        if self.cfg.threads:
-            opts.intra_op_num_threads = self.cfg.threads
-        providers = ["CPUExecutionProvider"]
-        if self.requested_cuda:
-            from steerprune.export.manifest import CUDA_PROVIDER, preload_cuda_libs
-
-            preload_cuda_libs(log=log.warning)  # the provider check in __init__ reports the outcome
-            providers = [CUDA_PROVIDER, "CPUExecutionProvider"]
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
     # ------------------------------------------------------------------------------------------ routing
 
@@ -143,28 +159,41 @@ class Engine:
                 x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])  # (size, C, S, S)
         return self.sessions[model].run([self.output_name], {self.input_name: x})[0][:n]
 
+    def model_for(self, route: str) -> str:
+        """The model a request on `route` runs first: the full model for a route that is not served (verify)."""
+        r = self.routes[route]
+        return r.model if r.served or self.cfg.hint_mode != "verify" else self.full_model
+
     def run(self, x: np.ndarray, routes: Sequence[str]) -> list[Result]:
         """Answer a batch: x (N, C, S, S), one route per row; the results keep the input order."""
         n = len(routes)
         probs = np.empty((n, len(self.classes)), np.float32)
+        answered_by = [self.model_for(r) for r in routes]
         by_model: dict[str, list[int]] = {}
-        for i, r in enumerate(routes):
-            by_model.setdefault(self.routes[r].model, []).append(i)
+        for i, model in enumerate(answered_by):
+            by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():  # one run per distinct model: routes sharing a mask share it
             probs[idx] = softmax(self.logits(model, x[idx] if len(idx) < n else x))
 
-        answered_by = [self.routes[r].model for r in routes]
         reasons: list[Optional[str]] = [None] * n
+        redo = []
         if self.cfg.hint_mode == "verify":
+            by_route: dict[str, list[int]] = {}
             for i, r in enumerate(routes):
                 if r == FULL:
                     continue
-                top = int(probs[i].argmax())
-                if top not in self.routes[r].classes:
-                    reasons[i] = "off_route"
-                elif probs[i, top] < self.cfg.min_prob:
-                    reasons[i] = "low_confidence"
-        redo = [i for i in range(n) if reasons[i] is not None]
+                if not self.routes[r].served:
+                    reasons[i] = "not_served"  # answered by the full model already: nothing to rerun
+                else:
+                    by_route.setdefault(r, []).append(i)
+            for r, idx in by_route.items():
+                route = self.routes[r]
+                ok = accepted(probs[idx], sorted(route.classes), route.rule)
+                for i, good in zip(idx, ok):
+                    if not good:
+                        reasons[i] = "off_route" if int(probs[i].argmax()) not in route.classes else "low_confidence"
+                        redo.append(i)
+            redo.sort()
         routed = {}
         if redo:
             routed = {i: probs[i].copy() for i in redo}
@@ -201,8 +230,8 @@ class Engine:
         model, plus, in verify mode, a full-model run for every hinted row (the worst case). inf before warm-up."""
         counts: dict[str, int] = {}
         for r in routes:
-            counts[self.routes[r].model] = counts.get(self.routes[r].model, 0) + 1
-        hinted = sum(1 for r in routes if r != FULL)
+            counts[self.model_for(r)] = counts.get(self.model_for(r), 0) + 1
+        hinted = sum(1 for r in routes if r != FULL and self.model_for(r) != self.full_model)
         runs = list(counts.items()) + ([(self.full_model, hinted)] if hinted and self.cfg.hint_mode == "verify" else [])
         total = 0.0
         for model, n in runs:
@@ -220,11 +249,20 @@ class Engine:
 
     def describe(self) -> dict:
         """The /routes listing: hints, their classes, head usage, kept heads, accuracy, shared sessions."""
-        def info(r: Route) -> dict:
+        def info(r: ServingRoute) -> dict:
             e = r.entry
-            return {"classes": [self.classes[c] for c in sorted(r.classes)], "class_indices": sorted(r.classes),
-                    "model": r.model, "head_usage": e.get("head_usage"), "kept_heads": e.get("kept_heads"),
-                    "flops_rel": e.get("flops_rel"), "acc": e.get("acc"), "off_route_acc": e.get("off_route_acc")}
+            out = {"classes": [self.classes[c] for c in sorted(r.classes)], "class_indices": sorted(r.classes),
+                   "model": r.model, "head_usage": e.get("head_usage"), "kept_heads": e.get("kept_heads"),
+                   "flops_rel": e.get("flops_rel"), "acc": e.get("acc"), "off_route_acc": e.get("off_route_acc")}
+            if r.name != FULL:
+                a = e.get("acceptance") or {}
+                out["acceptance"] = {
+                    "served": r.served or self.cfg.hint_mode != "verify", "reason": a.get("reason") if not r.served else None,
+                    "rule": r.rule.to_json(), "kind": a.get("kind") if self.acceptance == "route" else "global",
+                    # what export measured for this rule on validation (None under the global rule)
+                    "val": a.get("val") if self.acceptance == "route" else None,
+                    "cost": (self.manifest.get("cost") or {}).get("routes", {}).get(r.name)}
+            return out
 
         return {
             "routes": {n: info(r) for n, r in self.routes.items() if n != FULL},
@@ -232,7 +270,9 @@ class Engine:
             "classes": self.classes,
             "groups": self.manifest.get("groups", {}),
             "hint_mode": self.cfg.hint_mode,
-            "min_prob": self.cfg.min_prob,
+            "acceptance": self.acceptance,  # 'route': each route's rule from the manifest | 'global': min_prob
+            "min_prob": self.cfg.min_prob,  # the global rule's threshold (applied only when acceptance is 'global')
+            "offline_cost": (self.manifest.get("cost") or {}).get("overall"),
             "unknown_hint": self.cfg.unknown_hint,
             "sessions": {m: {"routes": sorted(n for n, r in self.routes.items() if r.model == m),
                              "providers": self.providers[m]} for m in self.sessions},
@@ -256,8 +296,3 @@ def warm_sizes(max_batch_size: int) -> list[int]:
     """The batch sizes warm-up runs: powers of two up to max_batch_size, and max_batch_size itself."""
     return sorted({min(1 << k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
 
-
-def _cuda_built() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()

@@ -21,7 +21,10 @@ def test_verify_ok(tiny_bundle, capsys):
     res = verify_bundle(tiny_bundle)
     assert len(res["models"]) == 4 and all(v["max_abs"] <= 1e-4 for v in res["models"].values())
     assert main(["bundle", "verify", str(tiny_bundle)]) == 0
-    assert "OK (4 models)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK (4 models)" in out
+    assert "cost per right-hint request vs unhinted, in-process ONNX Runtime, batch 16" in out  # export recorded it
+    assert "load-test mix (60% right, 20% wrong, 20% none)" in out
 
 
 def _error_line(capsys) -> str:
@@ -86,6 +89,7 @@ def test_manifest_module_is_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys; import steerprune.export.manifest, steerprune.export, steerprune.export.cli; "
+    code = ("import sys; import steerprune.export.manifest, steerprune.export, steerprune.export.cli, "
+            "steerprune.export.runtime, steerprune.export.acceptance, steerprune.export.cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

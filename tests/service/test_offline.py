@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from steerprune.errors import UserError
+from steerprune.export.acceptance import AcceptRule, accepted
 from steerprune.service.config import ServeConfig
 from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
 from steerprune.service.preprocess import BadImage, decode_image, normalize
@@ -48,7 +49,7 @@ def test_service_module_does_not_import_torch():
 def test_decode_matches_training_preprocessing(engine, digits_test):
     torch = pytest.importorskip("torch")
     from steerprune.training.model import BackboneConfig
-    from steerprune.training.train import to_tensor
+    from steerprune.training.tensors import to_tensor
 
     inp = engine.manifest["input"]  # the run's preprocessing, as the bundle carries it
     bcfg = BackboneConfig(model_name="x", model_kwargs={}, num_classes=10, class_names=[str(i) for i in range(10)],
@@ -115,6 +116,9 @@ def test_engine_run_equals_each_models_offline_answer(engine, digits_test):
 
 
 def test_verify_mode_reruns_contradicted_hints_on_the_full_model(engine, digits_test):
+    """The global rule (acceptance='global', as --min-prob forces): top-1 in the route and >= min_prob."""
+    engine = Engine(ServeConfig(bundle=str(engine.bundle), acceptance="global", verify=False))
+    assert engine.acceptance == "global" and all(r.served for r in engine.routes.values())
     x = normalize(digits_test.images[:60], engine.spec)
     full = softmax(engine.logits(engine.full_model, x))
     routed = softmax(engine.logits(engine.routes["7"].model, x))
@@ -131,6 +135,76 @@ def test_verify_mode_reruns_contradicted_hints_on_the_full_model(engine, digits_
         else:
             np.testing.assert_allclose(out.probs, routed[i], atol=1e-5)
     assert sum(o.fallback for o in res) > 0  # most of 60 digits are not 7s
+
+
+def test_verify_mode_applies_each_routes_rule_and_skips_unserved_routes(engine, digits_test):
+    m = engine.manifest
+    assert engine.acceptance == "route" and m["schema_version"] == 2
+    x = normalize(digits_test.images[:120], engine.spec)
+    full = softmax(engine.logits(engine.full_model, x))
+    for name in engine.hint_names():
+        r, a = engine.routes[name], m["routes"][name]["acceptance"]
+        assert r.served == a["served"] and r.rule == AcceptRule.from_json(a["rule"])
+        res = engine.run(x, [name] * len(x))
+        if not r.served:  # straight to the full model: one run, nothing to verify
+            assert all(o.fallback and o.fallback_reason == "not_served" and o.routed_probs is None
+                       and o.model == engine.full_model for o in res)
+            np.testing.assert_allclose(np.stack([o.probs for o in res]), full, atol=1e-5)
+            continue
+        routed = softmax(engine.logits(r.model, x))
+        ok = accepted(routed, sorted(r.classes), r.rule)
+        assert [not o.fallback for o in res] == ok.tolist(), name
+        for i, o in enumerate(res):
+            np.testing.assert_allclose(o.probs, routed[i] if ok[i] else full[i], atol=1e-5)
+            if not ok[i]:
+                assert o.fallback_reason == ("off_route" if int(routed[i].argmax()) not in r.classes
+                                             else "low_confidence")
+    # route "3" keeps every head: it can never be cheaper than the full model
+    assert not engine.routes["3"].served and "cheaper" in m["routes"]["3"]["acceptance"]["reason"]
+    listing = engine.describe()
+    assert listing["acceptance"] == "route" and listing["routes"]["3"]["acceptance"]["served"] is False
+    assert listing["routes"]["0"]["acceptance"]["val"] == m["routes"]["0"]["acceptance"]["val"]
+    trust = Engine(ServeConfig(bundle=str(engine.bundle), hint_mode="trust", verify=False))
+    assert not trust.run(x[:2], ["3", "3"])[0].fallback  # trust mode answers with the route's own model
+
+
+def test_engine_reads_thresholds_from_the_manifest(tiny_bundle, tmp_path, digits_test):
+    """A hand-set rule in the manifest is what the engine applies (confidence and margin)."""
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["routes"]["even"]["acceptance"].update(served=True, reason=None,
+                                             rule={"min_prob": 0.9, "min_margin": 0.85, "top1_in_route": True})
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    eng = Engine(ServeConfig(bundle=str(bundle), verify=False))
+    assert eng.routes["even"].rule == AcceptRule(0.9, 0.85)
+    x = normalize(digits_test.images[:80], eng.spec)
+    routed = softmax(eng.logits(eng.routes["even"].model, x))
+    top = routed.argmax(1)
+    p = np.sort(routed, axis=1)
+    want = np.isin(top, [0, 2, 4, 6, 8]) & (p[:, -1] >= 0.9) & (p[:, -1] - p[:, -2] >= 0.85)
+    assert [not o.fallback for o in eng.run(x, ["even"] * len(x))] == want.tolist()
+    assert 0 < want.sum() < len(x)
+
+
+def test_schema_1_bundle_gets_the_global_rule(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["schema_version"] = 1
+    del m["acceptance"]
+    for r in m["routes"].values():
+        del r["acceptance"]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    logs = []
+    eng = Engine(ServeConfig(bundle=str(bundle), verify=False, min_prob=0.6), log_fn=logs.append)
+    assert eng.acceptance == "global" and any("no per-route acceptance rules" in s for s in logs)
+    assert all(r.served and r.rule == AcceptRule(0.6, 0.0) for n, r in eng.routes.items() if n != FULL)
+    assert eng.describe()["acceptance"] == "global"
 
 
 def test_resolve_hints(engine, tmp_path):
@@ -179,6 +253,10 @@ def test_corrupt_bundle_is_refused(tiny_bundle, tmp_path):
 def test_serve_config_env_round_trip_and_validation(tmp_path):
     cfg = ServeConfig(bundle=str(tmp_path), hint_mode="trust", min_prob=0.3, threads=2, verify=False)
     assert ServeConfig.from_env(cfg.to_env()) == cfg
+    glob = ServeConfig(bundle=str(tmp_path), acceptance="global", min_prob=0.5)
+    assert ServeConfig.from_env(glob.to_env()) == glob
+    with pytest.raises(UserError, match="acceptance"):
+        ServeConfig(bundle="x", acceptance="always")
     with pytest.raises(UserError, match="STEERPRUNE_BUNDLE"):
         ServeConfig.from_env({})
     with pytest.raises(UserError, match="hint_mode"):

@@ -1,0 +1,196 @@
+"""The headline figure: ONNX Runtime time per request with the right hint, fallbacks included, relative to the same
+requests without a hint (the full model), measured in-process with the service's own routing engine.
+
+Requests are taken in a seeded shuffled order and answered in batches of `batch_size` as the service's batcher would
+hand them over: one batch holds several hints, `Engine.run` splits it by model and reruns the rejected rows on the
+full model. Every batch is timed hinted and unhinted back to back (`rounds` times, the median of each batch's times
+kept), so machine drift hits both sides alike. Per route, the same is done on that route's images alone.
+Torch-free (numpy, onnxruntime).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["MIX", "right_hints", "wrong_hints", "offline_cost", "cost_of_npz", "cost_lines"]
+
+MIX = {"right": 0.6, "wrong": 0.2, "none": 0.2}  # the load test's default mix, for the accuracy check
+
+
+def right_hints(engine, labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """A hint naming a route that holds each label (drawn among them, as the load test does); 'full' if none."""
+    names = engine.hint_names()
+    holds = {c: [n for n in names if c in engine.routes[n].classes] for c in set(labels.tolist())}
+    return [holds[c][rng.integers(len(holds[c]))] if holds[c] else "full" for c in labels.tolist()]
+
+
+def wrong_hints(engine, labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """A hint naming a route that does not hold each label; 'full' if every route holds it."""
+    names = engine.hint_names()
+    lacks = {c: [n for n in names if c not in engine.routes[n].classes] for c in set(labels.tolist())}
+    return [lacks[c][rng.integers(len(lacks[c]))] if lacks[c] else "full" for c in labels.tolist()]
+
+
+def _as_batch(images, idx: np.ndarray) -> np.ndarray:
+    """Preprocessed float32 (n, C, S, S) for these indices (`images` may convert lazily, e.g. ImageTensors)."""
+    return np.ascontiguousarray(np.asarray(images[idx]), np.float32)
+
+
+def _timed(engine, images, idx: np.ndarray, routes: list[str], batch_size: int, rounds: int):
+    """Answer images[idx] in batches, hinted (`routes`) and unhinted back to back.
+    Returns (hinted results, unhinted results, hinted s, unhinted s)."""
+    hinted, plain, t_hint, t_full = [], [], 0.0, 0.0
+    for s in range(0, len(idx), batch_size):
+        xb, rb = _as_batch(images, idx[s:s + batch_size]), routes[s:s + batch_size]
+        full = ["full"] * len(xb)
+        th, tf = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            res = engine.run(xb, rb)
+            th.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = engine.run(xb, full)
+            tf.append(time.perf_counter() - t)
+        hinted += res
+        plain += ref
+        t_hint, t_full = t_hint + float(np.median(th)), t_full + float(np.median(tf))
+    return hinted, plain, t_hint, t_full
+
+
+def _flops(engine, r) -> float:
+    """FLOPs of one answered request relative to the full model: its first model run plus any rerun on full."""
+    first = 1.0 if engine.model_for(r.route) == engine.full_model else float(engine.routes[r.route].entry["flops_rel"])
+    return first + (1.0 if r.fallback and r.fallback_reason != "not_served" else 0.0)
+
+
+def _pred(results) -> np.ndarray:
+    return np.array([int(r.probs.argmax()) for r in results], np.int64)
+
+
+def _summary(hinted, plain, labels: np.ndarray, t_hint: float, t_full: float, engine) -> dict:
+    n = max(len(labels), 1)
+    return {"n": int(len(labels)), "cost_rel": t_hint / t_full if t_full else None,
+            "hinted_ms": 1000.0 * t_hint / n, "full_ms": 1000.0 * t_full / n,
+            "acc": float((_pred(hinted) == labels).mean()), "full_acc": float((_pred(plain) == labels).mean()),
+            "fallback": float(np.mean([r.fallback for r in hinted])),
+            # FLOPs per request relative to the full model, fallbacks included
+            "flops_cost": float(np.mean([_flops(engine, r) for r in hinted]))}
+
+
+def offline_cost(bundle, images, labels: np.ndarray, batch_size: int = 16, threads: int = 1, rounds: int = 3,
+                 acceptance: str = "route", min_prob: float = 0.7, per_route: bool = True, route_rounds: int = 1,
+                 max_images: Optional[int] = 2000, seed: int = 0, log=None) -> dict:
+    """Cost per hinted request relative to an unhinted one, in-process, on preprocessed `images` (N, C, S, S; any
+    array indexable by an index array, converted batch by batch) with their `labels` (N,): overall (mixed hints per
+    batch; each batch timed `rounds` times), and per route (its images only, `route_rounds` times) when `per_route`;
+    on a seeded draw of at most `max_images` of them (None: all).
+
+    Also the accuracy of the load test's default mix (60% right, 20% wrong, 20% no hint) and of wrong hints alone,
+    against the full model's: wrong hints must stay caught.
+    """
+    from steerprune.service.config import ServeConfig
+    from steerprune.service.engine import Engine
+
+    if batch_size < 1 or rounds < 1:
+        raise ValueError("batch_size and rounds must be at least 1")
+    engine = Engine(ServeConfig(bundle=str(bundle), verify=False, threads=threads, acceptance=acceptance,
+                                min_prob=min_prob, max_batch_size=max(batch_size, 2)), log_fn=lambda *_: None)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))[:max_images]
+    y = labels[order]
+    warm = _as_batch(images, order[:batch_size])
+    for model in engine.sessions:  # first runs are slow: warm every model at the batch sizes it will see
+        for b in sorted({1, len(warm)}):
+            engine.logits(model, warm[:b])
+    hints = right_hints(engine, y, rng)
+    t0 = time.perf_counter()
+    hinted, plain, th, tf = _timed(engine, images, order, hints, batch_size, rounds)
+    full_pred = _pred(plain)
+    out = {"batch_size": batch_size, "threads": threads, "rounds": rounds, "route_rounds": route_rounds,
+           "acceptance": engine.acceptance,
+           "min_prob": min_prob if engine.acceptance == "global" else None, "n": int(len(y)),
+           "what": "ONNX Runtime seconds for right-hint requests (fallbacks included) / the same requests unhinted",
+           "overall": _summary(hinted, plain, y, th, tf, engine)}
+    if log:
+        o = out["overall"]
+        log(f"offline cost, batch {batch_size}, {threads} thread(s): right hints {o['cost_rel']:.3f} of unhinted "
+            f"({o['hinted_ms']:.3f} vs {o['full_ms']:.3f} ms/request; acc {o['acc']:.4f} vs full {o['full_acc']:.4f}, "
+            f"fallback {o['fallback']:.3f}) in {time.perf_counter() - t0:.0f} s")
+    # the load test's mix and wrong hints alone, accuracy only (untimed)
+    kinds = rng.choice(3, size=len(y), p=[MIX["right"], MIX["wrong"], MIX["none"]])
+    wrong = wrong_hints(engine, y, rng)
+    mix = [hints[i] if k == 0 else wrong[i] if k == 1 else "full" for i, k in enumerate(kinds)]
+    mixed, wrong_res = [], []
+    for s in range(0, len(y), batch_size):
+        xb = _as_batch(images, order[s:s + batch_size])
+        mixed += engine.run(xb, mix[s:s + batch_size])
+        wrong_res += engine.run(xb, wrong[s:s + batch_size])
+    out["mix"] = {"shares": MIX, "acc": float((_pred(mixed) == y).mean()), "full_acc": float((full_pred == y).mean()),
+                  "wrong_hint_acc": float((_pred(wrong_res) == y).mean()),
+                  "wrong_hint_fallback": float(np.mean([r.fallback for r in wrong_res]))}
+    if per_route:
+        out["routes"] = {}
+        for name in engine.hint_names():
+            on = np.flatnonzero(np.isin(y, sorted(engine.routes[name].classes)))
+            if not len(on):
+                continue
+            r_h, r_p, r_th, r_tf = _timed(engine, images, order[on], [name] * len(on), batch_size, route_rounds)
+            out["routes"][name] = {**_summary(r_h, r_p, y[on], r_th, r_tf, engine),
+                                   "served": engine.routes[name].served}
+    return out
+
+
+class _Normalized:
+    """uint8 (N, S, S, C) images read as the service's preprocessed float32 (N, C, S, S), converted when indexed."""
+
+    def __init__(self, images: np.ndarray, spec):
+        self.images, self.spec = images, spec
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        from steerprune.service.preprocess import normalize
+
+        return normalize(self.images[idx], self.spec)
+
+
+def cost_of_npz(bundle, npz, **kw) -> dict:
+    """`offline_cost` on an NPZ of test images (`images` uint8 (N, S, S, C) at the model's size, `labels`)."""
+    from steerprune.errors import UserError
+    from steerprune.export.manifest import load_manifest
+    from steerprune.service.preprocess import InputSpec
+
+    spec = InputSpec.from_manifest(load_manifest(bundle)["input"])
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{npz}: not an NPZ with 'images' and 'labels' ({e})") from None
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:3] != (spec.img_size, spec.img_size):
+        raise UserError(f"{npz}: images must be uint8 (N, {spec.img_size}, {spec.img_size}, C), got "
+                        f"{images.dtype} {images.shape}")
+    return offline_cost(bundle, _Normalized(images, spec), labels, **kw)
+
+
+def cost_lines(cost: Optional[dict]) -> list[str]:
+    """Human-readable lines for a manifest's "cost" record (export's log, `bundle verify`)."""
+    if not cost:
+        return ["no offline cost recorded in this bundle (export it with --cost-batch N)"]
+    o, m = cost["overall"], cost.get("mix") or {}
+    lines = [f"cost per right-hint request vs unhinted, in-process ONNX Runtime, batch {cost['batch_size']}, "
+             f"{cost['threads']} thread(s), {cost['n']} test images, acceptance {cost['acceptance']}: "
+             f"{o['cost_rel']:.3f} (FLOPs {o['flops_cost']:.3f}); accuracy {o['acc']:.4f} vs full "
+             f"{o['full_acc']:.4f}; fallback {o['fallback']:.3f}"]
+    if m:
+        lines.append(f"load-test mix (60% right, 20% wrong, 20% none): accuracy {m['acc']:.4f} vs full "
+                     f"{m['full_acc']:.4f}; wrong hints alone {m['wrong_hint_acc']:.4f} "
+                     f"(fallback {m['wrong_hint_fallback']:.3f})")
+    for name, r in (cost.get("routes") or {}).items():
+        lines.append(f"  {name:>12}: cost {r['cost_rel']:.3f} (FLOPs {r['flops_cost']:.3f}), acc {r['acc']:.4f} "
+                     f"vs full {r['full_acc']:.4f}, fallback {r['fallback']:.3f}"
+                     + ("" if r.get("served", True) else " (not served: full model)"))
+    return lines
