@@ -5,8 +5,9 @@
 #
 # Debian packages: podman, buildah, mmdebstrap, runc (apt-get install -y podman buildah mmdebstrap runc).
 # Steps: a bookworm base with python3 from mmdebstrap (skipped when the base image exists), `podman build` of the
-# CPU variant, a run with the bundle mounted read-only, the root filesystem read-only (writable tmpfs only at /tmp
-# and BENTOML_HOME, as deploy/kubernetes does it) and the server on 127.0.0.1; then: time to /readyz, the
+# CPU variant, a run of the image's own CMD with the bundle mounted read-only, the root filesystem read-only
+# (writable tmpfs only at /tmp and BENTOML_HOME, as deploy/kubernetes does it) and port 3000 published on
+# 127.0.0.1 only; then: time to /readyz, the
 # HEALTHCHECK, answers against the offline ONNX Runtime answers (steerprune.service.engine.Engine in this
 # process, on the same PNG bytes), torch absent, no container process running as root, image size, and the time
 # `podman stop` takes (SIGTERM drain). Writes OUT_JSON (default benchmarks/results/container_check.json).
@@ -42,7 +43,7 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
 # 1. base image: Debian bookworm minbase + python3 (no registry needed)
-base_s=null
+base_s=None
 if ! podman image exists "$BASE_IMAGE"; then
   t0=$(now)
   mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$WORK/rootfs.tar" \
@@ -52,7 +53,7 @@ if ! podman image exists "$BASE_IMAGE"; then
 fi
 
 # 2. the CPU image; pip in the build trusts this machine's CA bundle through a build secret (never stored)
-build_s=null
+build_s=None
 if [ "$REBUILD" = 1 ] || ! podman image exists "$IMAGE"; then
   cert=${PIP_CERT_FILE:-$(pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)}
   t0=$(now)
@@ -65,9 +66,11 @@ size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 
 # 3. run: bundle read-only, root fs read-only, 127.0.0.1 only
 t0=$(now)
-"${PODMAN[@]}" run -d --name "$NAME" --network=host --read-only --tmpfs /home/steerprune/bentoml:rw,mode=1777 \
-  -v "$BUNDLE:/bundle:ro" "$IMAGE" steerprune serve /bundle --host 127.0.0.1 --port "$PORT" >/dev/null
-ready_s=null
+# :U chowns the tmpfs to the container user (podman here ignores mode= on tmpfs); Kubernetes: emptyDir + fsGroup
+# the image's own CMD (0.0.0.0:3000 in the container's network namespace), published on 127.0.0.1 only
+"${PODMAN[@]}" run -d --name "$NAME" -p "127.0.0.1:$PORT:3000" --read-only --tmpfs /home/steerprune/bentoml:rw,U \
+  -v "$BUNDLE:/bundle:ro" "$IMAGE" >/dev/null
+ready_s=None
 for _ in $(seq 1 1200); do
   if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ]; then
     ready_s=$(since "$t0"); break
@@ -75,9 +78,8 @@ for _ in $(seq 1 1200); do
   [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
   sleep 0.25
 done
-if [ "$ready_s" = null ]; then podman logs "$NAME" | tail -30; echo "the container never became ready" >&2; exit 1; fi
+if [ "$ready_s" = None ]; then podman logs "$NAME" | tail -30; echo "the container never became ready" >&2; exit 1; fi
 livez=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/livez")
-metrics_ok=$(curl -s "http://127.0.0.1:$PORT/metrics" | grep -c '^steerprune_requests_total' || true)
 
 # 4. inside the image: the HEALTHCHECK, torch, and the uid of every process
 health=$("${PODMAN[@]}" healthcheck run "$NAME" >/dev/null 2>&1 && echo healthy || echo unhealthy)
@@ -86,6 +88,8 @@ uids=$("${PODMAN[@]}" exec "$NAME" python -c "
 import os
 rows = []
 for p in filter(str.isdigit, os.listdir('/proc')):
+    if int(p) == os.getpid():
+        continue
     try:
         st = dict(l.split(':', 1) for l in open(f'/proc/{p}/status'))
         cmd = open(f'/proc/{p}/cmdline', 'rb').read().replace(b'\0', b' ').decode().strip()
@@ -137,6 +141,7 @@ for i in range(min(len(u8), 16)):
 print(json.dumps({"answers_checked": checked, "answers_differing": len(mismatches), "max_abs_prob_diff": worst,
                   "mismatches": mismatches[:5]}))
 EOF
+metrics_ok=$(curl -s "http://127.0.0.1:$PORT/metrics" | grep -c '^steerprune_requests_total' || true)
 t1=$(now)
 "${PODMAN[@]}" stop -t 30 "$NAME" >/dev/null
 stop_s=$(since "$t1")
@@ -155,11 +160,11 @@ report = {
     "process_uids": sorted({int(u) for u, _ in uids}), "processes": [c for _, c in uids],
     "any_process_root": any(int(u) == 0 for u, _ in uids),
     **answers, "stop_s": round($stop_s, 2), "exit_code_after_sigterm": int("$exit_code"),
-    "run": "podman --runtime /usr/sbin/runc --cgroup-manager=cgroupfs run --network=host --read-only "
-           "--tmpfs /home/steerprune/bentoml -v BUNDLE:/bundle:ro IMAGE steerprune serve /bundle --host 127.0.0.1",
+    "run": "podman --runtime /usr/sbin/runc --cgroup-manager=cgroupfs run -p 127.0.0.1:PORT:3000 --read-only "
+           "--tmpfs /home/steerprune/bentoml:rw,U -v BUNDLE:/bundle:ro IMAGE",
 }
 ok = (report["healthcheck"] == "healthy" and not report["torch_in_image"] and not report["any_process_root"]
-      and report["answers_differing"] == 0 and report["max_abs_prob_diff"] < 1e-5 and report["livez_status"] == 200)
+      and report["answers_differing"] == 0 and report["metrics_has_steerprune"] and report["max_abs_prob_diff"] < 1e-5 and report["livez_status"] == 200)
 report["ok"] = ok
 json.dump(report, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(report, indent=2))
