@@ -64,7 +64,7 @@ class RouteInfo(BaseModel):
     class_indices: List[int]
     model: str
     head_usage: Optional[float] = None
-    kept_heads: Optional[list] = None
+    kept_heads: Optional[Dict[str, List[int]]] = Field(None, description="layer name -> kept head indices")
     flops_rel: Optional[float] = None
     acc: Optional[float] = None
     off_route_acc: Optional[float] = None
