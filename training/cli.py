@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory (created if missing)")
     p.add_argument("--data", default=None, help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default: the run's "
                    "recorded data for a later stage, else digits)")
-    p.add_argument("--preset", default=None, help="digits | cifar | custom (default: cifar for CIFAR data, digits otherwise)")
+    p.add_argument("--preset", default=None, help="digits | cifar | cifar-gpu | custom (default: cifar for CIFAR data, digits otherwise; "
+                   "cifar-gpu is a ViT-S-class model for a GPU)")
     p.add_argument("--stage", default="all", choices=["backbone", "policy", "sae", "all"])
     p.add_argument("--model", dest="model_name", help="timm ViT/DeiT name (pretrained=False), overrides the preset")
     p.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON timm kwargs, e.g. \'{"depth": 4}\'')

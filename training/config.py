@@ -15,7 +15,8 @@ __all__ = ["TrainConfig", "backbone_config_for"]
 @dataclass
 class TrainConfig:
     preset: str = "digits"
-    """Model/schedule preset: 'digits', 'cifar', or 'custom' (then --model names any timm ViT/DeiT)."""
+    """Model/schedule preset: 'digits', 'cifar' (2 CPU cores), 'cifar-gpu' (ViT-S class, for a GPU), or 'custom'
+    (then --model names any timm ViT/DeiT)."""
     model_name: Optional[str] = None
     """timm model name overriding the preset's (pretrained=False)."""
     model_kwargs: dict = field(default_factory=dict)
@@ -115,13 +116,18 @@ class TrainConfig:
             base = dict(batch_size=128, epochs=24, lr=1e-3, warmup_epochs=2, crop_pad=4, amp="bf16",
                         finetune_backbone=True, policy_epochs=3, policy_lr=2e-3, finetune_lr=3e-4, distill_weight=1.0,
                         sae_aug_passes=1, sae_steps=4000, sae_expansion=4, sae_k=16)
+        elif preset == "cifar-gpu":
+            # the cifar recipe scaled to the ViT-S-class preset, with a longer schedule; not yet run on a GPU here
+            base = dict(batch_size=256, epochs=100, lr=1e-3, warmup_epochs=5, crop_pad=4, amp="bf16",
+                        finetune_backbone=True, policy_epochs=10, policy_lr=2e-3, finetune_lr=3e-4, distill_weight=1.0,
+                        sae_aug_passes=2, sae_steps=8000, sae_expansion=4, sae_k=16)
         elif preset == "digits":
             # ~14 validation images per class at 0.1 made steering choices noisy; 0.2 gives ~29
             base = dict(epochs=150, finetune_backbone=True, policy_epochs=40, val_fraction=0.2)
         elif preset == "custom":
             base = {}
         else:
-            raise UserError(f"unknown preset '{preset}': use digits, cifar or custom")
+            raise UserError(f"unknown preset '{preset}': use digits, cifar, cifar-gpu or custom")
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(preset=preset, **base)
 

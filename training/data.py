@@ -1,7 +1,8 @@
 """Datasets behind `--data SPEC`: every loader returns uint8 (N, H, W, C) images and int64 labels.
 
 Specs: `digits` (scikit-learn's bundled digits, the embedded default), `cifar10:PATH`, `cifar100:PATH`
-(python-pickle folders or `train.npz`/`test.npz`), `imagefolder:PATH` (one folder per class).
+(python-pickle folders or `train.npz`/`test.npz`; CIFAR-100 also as JPEG folders `train/<class>/`, `test/<class>/`
+with `classes.json` and `groups.json`), `imagefolder:PATH` (one folder per class).
 A seeded, stratified validation split is always carved from train; test is never used for choices.
 """
 from __future__ import annotations
@@ -60,8 +61,12 @@ class DataBundle:
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean/std of the train split in [0, 1] units (saved with the run)."""
-        x = self.train.images.reshape(-1, self.train.images.shape[-1]).astype(np.float64) / 255.0
-        return x.mean(0).round(6).tolist(), np.maximum(x.std(0), 1e-3).round(6).tolist()
+        px = self.train.images.reshape(-1, self.train.images.shape[-1])  # (pixels, C) uint8, a view
+        step = 1 << 20  # two passes over chunks of a million pixels: no float copy of the whole split
+        n = len(px)
+        mean = sum(px[i:i + step].sum(0, dtype=np.float64) for i in range(0, n, step)) / n
+        var = sum(((px[i:i + step] - mean) ** 2).sum(0) for i in range(0, n, step)) / n
+        return (mean / 255.0).round(6).tolist(), np.maximum(np.sqrt(var) / 255.0, 1e-3).round(6).tolist()
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
@@ -227,6 +232,8 @@ def _load_cifar10(path: Path) -> tuple[Split, Split, list[str]]:
 
 
 def _load_cifar100(path: Path) -> tuple[Split, Split, list[str], dict[str, list[int]]]:
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return _load_cifar100_folder(path)
     if (path / "train.npz").exists():
         train, test = _load_npz(path, "train.npz"), _load_npz(path, "test.npz")
         names = _class_names_json(path, int(max(train.labels.max(), test.labels.max())) + 1)
@@ -253,6 +260,47 @@ def _load_cifar100(path: Path) -> tuple[Split, Split, list[str], dict[str, list[
         coarse_names = [str(x) for x in meta.get("coarse_label_names", [])] or None
     groups = _groups_from(train.labels, np.asarray(tr.get("coarse_labels", []), np.int64), coarse_names)
     return train, test, names, groups
+
+
+def _load_cifar100_folder(path: Path) -> tuple[Split, Split, list[str], dict[str, list[int]]]:
+    """The JPEG image-folder layout: train/<fine>/*.jpg, test/<fine>/*.jpg, classes.json (fine names in index
+    order), groups.json ({coarse: [its fine names]}), coarse_classes.json (coarse order). Decoded once, in
+    parallel, then read from the cache (see `image_cache`)."""
+    from .image_cache import load_class_folders
+
+    folders = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+    if not folders:
+        raise UserError(f"{path / 'train'} has no class folders")
+    names = _class_names_json(path, len(folders)) if (path / "classes.json").exists() else folders
+    if sorted(names) != folders:
+        raise UserError(f"{path / 'classes.json'} does not name the class folders of {path / 'train'}")
+    train = load_class_folders(path / "train", names, 32, "RGB")
+    test = load_class_folders(path / "test", names, 32, "RGB")
+    return Split(train.images, train.labels), Split(test.images, test.labels), names, _groups_json(path, names)
+
+
+def _groups_json(path: Path, names: list[str]) -> dict[str, list[int]]:
+    """{coarse: [fine indices]} from groups.json ({coarse: [fine names]}), in coarse_classes.json's order."""
+    f = path / "groups.json"
+    if not f.exists():
+        return {}
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise UserError(f"{f} must map each group to a list of class names")
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({c for v in raw.values() for c in v} - set(index))
+    if unknown:
+        raise UserError(f"{f} names classes that are not in the data: {unknown[:5]}")
+    order = list(raw)
+    if (path / "coarse_classes.json").exists():
+        coarse = json.loads((path / "coarse_classes.json").read_text())
+        if sorted(coarse) != sorted(order):
+            raise UserError(f"{path / 'coarse_classes.json'} and {f} name different groups")
+        order = coarse
+    return {g: sorted(index[c] for c in raw[g]) for g in order}
 
 
 def _groups_from(fine: np.ndarray, coarse: np.ndarray, coarse_names: list[str] | None) -> dict[str, list[int]]:

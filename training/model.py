@@ -22,12 +22,15 @@ __all__ = [
     "check_supported", "load_checkpoint_into", "head_flops",
 ]
 
-# Small presets that train on 2 CPU cores. 6 heads everywhere so masks read like the paper's h0..h5.
+# digits and cifar train on 2 CPU cores; cifar-gpu is for a GPU. 6 heads everywhere so masks read like the paper's h0..h5.
 PRESETS: dict[str, dict] = {
     "digits": dict(model_name="vit_tiny_patch16_224", img_size=8, model_kwargs=dict(
         patch_size=2, embed_dim=96, depth=4, num_heads=6, mlp_ratio=2.0, qkv_bias=True)),
     "cifar": dict(model_name="vit_tiny_patch16_224", img_size=32, model_kwargs=dict(
         patch_size=4, embed_dim=192, depth=6, num_heads=6, mlp_ratio=2.0, qkv_bias=True)),
+    # meant for a GPU: a ViT-S-class model (384 wide, 6 heads of 64, 10 blocks) on 32 px images, 4 px patches
+    "cifar-gpu": dict(model_name="vit_small_patch16_224", img_size=32, model_kwargs=dict(
+        patch_size=4, embed_dim=384, depth=10, num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1)),
 }
 
 

@@ -1,6 +1,7 @@
 """Loaders on real digits and on tiny generated CIFAR-pickle, npz and image-folder datasets."""
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,79 @@ def test_folder_that_is_not_cifar(tmp_path):
 def test_shared_cifar10(cifar10_path):
     d = load_data(f"cifar10:{cifar10_path}", val_fraction=0.1)
     assert d.class_names[0] == "airplane" and len(d.test) == 10000 and len(d.train) == 45000
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-100 JPEG folders
+
+CIFAR100 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar100"
+
+
+def _write_cifar100_folder(root, per_class=(6, 2)):
+    """The layout of ../shared/data/cifar100 in small: 4 fine classes in 2 groups, 32x32 RGB JPEGs."""
+    fine, groups = ["apple", "bowl", "cup", "pear"], {"containers": ["bowl", "cup"], "fruit": ["apple", "pear"]}
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for c, name in enumerate(fine):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                im = np.full((32, 32, 3), 40 + 50 * c, np.uint8) + rng.integers(0, 10, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(im).save(root / split / name / f"{name}_s_{i:06d}.jpg", quality=95)
+    (root / "classes.json").write_text(json.dumps(fine))
+    (root / "coarse_classes.json").write_text(json.dumps(["fruit", "containers"]))
+    (root / "groups.json").write_text(json.dumps(groups))
+    return fine
+
+
+def test_cifar100_jpeg_folder_with_groups_and_cache(tmp_path, monkeypatch):
+    from steerprune.training import image_cache
+
+    monkeypatch.setenv("STEERPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    fine = _write_cifar100_folder(tmp_path / "c100")
+    d = load_data(f"cifar100:{tmp_path / 'c100'}", val_fraction=0.25)
+    assert d.class_names == fine and d.image_shape == (32, 32, 3) and d.hflip
+    assert list(d.groups) == ["fruit", "containers"]  # coarse_classes.json's order
+    assert d.groups == {"fruit": [0, 3], "containers": [1, 2]}
+    assert len(d.train) + len(d.val) == 24 and len(d.test) == 8
+    assert np.array_equal(np.bincount(d.test.labels), [2, 2, 2, 2])
+    # decoded pixels are the JPEG's (class c was filled with 40 + 50 c)
+    assert abs(float(d.test.images[d.test.labels == 3].mean()) - (40 + 150 + 4.5)) < 3
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # train and test cached
+
+    def no_decode(*_a, **_k):
+        raise AssertionError("decoded although the cache is current")
+
+    monkeypatch.setattr(image_cache, "_decode", no_decode)
+    warm = load_data(f"cifar100:{tmp_path / 'c100'}", val_fraction=0.25)
+    assert np.array_equal(warm.train.images, d.train.images) and np.array_equal(warm.test.labels, d.test.labels)
+    # a changed file (size / mtime) is decoded again
+    monkeypatch.undo()
+    monkeypatch.setenv("STEERPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "c100" / "test" / "cup" / "cup_s_000000.jpg"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f)
+    again = image_cache.load_class_folders(tmp_path / "c100" / "test", fine, 32)
+    assert not again.from_cache and again.images[again.labels == 2][0].max() < 10
+
+
+def test_cifar100_folder_with_a_group_naming_an_unknown_class_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    _write_cifar100_folder(tmp_path / "c100")
+    (tmp_path / "c100" / "groups.json").write_text(json.dumps({"fruit": ["apple", "kiwi"], "containers": ["bowl"]}))
+    (tmp_path / "c100" / "coarse_classes.json").unlink()
+    with pytest.raises(UserError, match="kiwi"):
+        load_data(f"cifar100:{tmp_path / 'c100'}")
+
+
+@pytest.mark.cifar100
+@pytest.mark.slow
+def test_real_cifar100_folder():
+    """Uses the default cache ($STEERPRUNE_CACHE_DIR or ~/.cache/steerprune), as `steerprune train` does: the first
+    run on a machine decodes the 60,000 JPEGs, later ones read the cache."""
+    if not (CIFAR100 / "groups.json").exists():
+        pytest.skip(f"CIFAR-100 not found at {CIFAR100}")
+    d = load_data(f"cifar100:{CIFAR100}", val_fraction=0.1)
+    assert d.num_classes == 100 and len(d.train) + len(d.val) == 50000 and len(d.test) == 10000
+    assert d.class_names[10] == "bowl" and len(d.groups) == 20
+    assert all(len(v) == 5 for v in d.groups.values())
+    assert d.groups["food_containers"] == sorted(d.class_names.index(n) for n in ("bottle", "bowl", "can", "cup", "plate"))
+    assert np.array_equal(np.bincount(d.test.labels), np.full(100, 100))
+    assert abs(d.channel_stats()[0][0] - 129.2 / 255) < 0.01  # SOURCE.md: train mean R 129.20

@@ -1,4 +1,5 @@
 """Head gating: equivalence with timm, exact zeroing of dropped heads, straight-through gradients, usage loss."""
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,20 @@ def test_backbone_config_roundtrip(tmp_path):
     again = BackboneConfig.load(tmp_path / "b.json")
     assert again == cfg
     assert again.preprocessing()["color_mode"] == "RGB"
+
+
+def test_gpu_preset_is_a_vit_s_class_model_on_32px():
+    from steerprune.training.config import TrainConfig, backbone_config_for
+    from steerprune.training.data import DataBundle, Split
+    from steerprune.training.model import GatedViT, build_vit
+
+    tcfg = TrainConfig.for_preset("cifar-gpu")
+    assert tcfg.amp == "bf16" and tcfg.batch_size == 256
+    imgs = np.zeros((4, 32, 32, 3), np.uint8)
+    split = Split(imgs, np.arange(4) % 2)
+    bcfg = backbone_config_for(tcfg, DataBundle("x", ["a", "b"], split, split, split))
+    vit = build_vit(bcfg)
+    assert vit.embed_dim == 384 and len(vit.blocks) == 10 and vit.blocks[0].attn.num_heads == 6
+    assert 15e6 < sum(p.numel() for p in vit.parameters()) < 20e6
+    out = GatedViT(vit).eval()(torch.zeros(2, 3, 32, 32))
+    assert out.logits.shape == (2, 2) and out.masks.shape == (2, 10, 6)
