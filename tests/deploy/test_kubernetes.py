@@ -172,6 +172,12 @@ def test_service_hpa_pdb_and_monitor_select_the_pods(overlay):
     assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
     (metric,) = hpa["metrics"]
     assert metric["resource"]["name"] == "cpu"
+    # one worker (steerprune serve's default) carries about one core at saturation: the HPA's target must sit near
+    # half of that, whatever the pod's CPU limit, or the pods saturate before the HPA sees its target
+    assert "--workers" not in _server(objs)["args"]
+    cores_at_target = metric["resource"]["target"]["averageUtilization"] / 100 * float(
+        _server(objs)["resources"]["limits"]["cpu"])
+    assert 0.25 <= cores_at_target <= 0.5
     # Prometheus: the operator's ServiceMonitor on the Service's named port, and the plain pod annotations
     svc_labels = objs["Service"]["metadata"]["labels"]
     sm = objs["ServiceMonitor"]["spec"]
