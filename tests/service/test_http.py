@@ -64,6 +64,11 @@ def test_probes_and_routes_listing(server, tiny_bundle):
     body = r.json()
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert set(body["routes"]) == set(m["routes"]) and body["ready"] is True
+    # the bundle's identity: sha256 of its manifest (which holds every model's sha256), as `sha256sum` prints it
+    import hashlib
+
+    assert body["bundle_id"] == hashlib.sha256((tiny_bundle / "manifest.json").read_bytes()).hexdigest()[:16]
+    assert body["max_queue"] == 512 and body["max_wait_ms"] == 1000.0
     assert body["routes"]["even"]["classes"] == ["0", "2", "4", "6", "8"]
     assert body["routes"]["7"]["head_usage"] == m["routes"]["7"]["head_usage"]
     assert body["routes"]["7"]["kept_heads"] == m["routes"]["7"]["kept_heads"]
@@ -99,6 +104,7 @@ def test_answers_equal_offline_onnxruntime(server, offline, digits):
             got[s["index"]] = s["prob"]
         np.testing.assert_allclose(got, e.probs, atol=1e-5)
         assert a["route"] == (h or "full") and a["fallback"] == e.fallback and a["model"] == e.model
+        assert len(a["bundle_id"]) == 16 and int(a["bundle_id"], 16) >= 0
         assert [s["prob"] for s in a["scores"]] == sorted([s["prob"] for s in a["scores"]], reverse=True)
         usage = offline.manifest["full" if (e.fallback or not h) else "routes"]
         usage = usage["head_usage"] if (e.fallback or not h) else usage[h]["head_usage"]
@@ -235,6 +241,19 @@ def test_metrics_count_routes_fallbacks_and_wrong_hints(server, digits):
         assert name in names, name
     assert any(ln.startswith('steerprune_requests_total{') and 'route="0"' in ln for ln in text.splitlines())
     assert any(ln.startswith("bentoml_") for ln in text.splitlines())  # BentoML's own series are still there
+
+
+def test_bentoml_sync_client_reaches_classify_through_request(server, digits):
+    """BentoML's own client has no typed classify() (it lists only @bentoml.api methods), but its request() calls
+    every endpoint with the client's base URL: the form docs/api.md shows."""
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url, timeout=30) as client:
+        assert "classify" not in client.endpoints
+        r = client.request("POST", "/classify", files={"image": ("x.png", encode_png(digits.images[0]), "image/png")},
+                           data={"hint": "7", "top_k": "2"})
+        assert r.status_code == 200 and r.json()["route"] == "7" and len(r.json()["scores"]) == 2
+        assert client.request("GET", "/routes").json()["bundle_id"] == r.json()["bundle_id"]
 
 
 def test_curl_example_names_a_hint(tiny_bundle):
