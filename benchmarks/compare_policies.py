@@ -18,9 +18,9 @@ import numpy as np
 def main() -> int:
     import torch
 
-    from steerprune.steering.report import mcnemar_p
+    from steerprune.training.metrics import mcnemar_p
     from steerprune.training.run import load_run
-    from steerprune.training.train import run_model
+    from steerprune.training.forward import run_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_a")

@@ -49,16 +49,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="output folder (default RUN/steering)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="do not steer: compute the global-mask baseline (one static mask for every class at the "
+                        "routes' mean usage, chosen on val) for an existing report and write global_baseline.json "
+                        "and .md beside it (or in --out); the report is left as it is")
+    p.add_argument("--report", help="with --baseline-only: the steering report (default RUN/steering/report.json)")
+    p.add_argument("--route-sets", type=lambda s: [x for x in s.split(",") if x], default=["steered", "unsteered"],
+                   help="with --baseline-only: compare with the report's steered routes, unsteered ones or both "
+                        "(default steered,unsteered)")
+    p.add_argument("--global-rankings", type=lambda s: [x for x in s.split(",") if x],
+                   help="with --baseline-only: head rankings the global mask may use, among vote,prob,routes "
+                        "(default all; each candidate costs one val forward)")
+    p.add_argument("--global-thresholds", type=_floats,
+                   help="with --baseline-only: keep thresholds of the vote rankings (default 0.5,0.9)")
+    p.add_argument("--round-up-only", action="store_true",
+                   help="with --baseline-only: test only the global mask whose head count is rounded up from the "
+                        "routes' mean usage (saves a test pass)")
     p.set_defaults(func=_steer)
 
 
 def _steer(args) -> int:
     import torch
 
-    from .pipeline import steer_run
+    from .pipeline import baseline_for_report, steer_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.report or args.global_rankings or args.global_thresholds or args.round_up_only) and not args.baseline_only:
+        raise UserError("--report, --global-rankings, --global-thresholds and --round-up-only are read only with "
+                        "--baseline-only")
+    if args.baseline_only:
+        opts = {k: v for k, v in (("rankings", args.global_rankings), ("keep_thresholds", args.global_thresholds))
+                if v is not None}
+        if args.round_up_only:
+            opts["round_down_too"] = False
+        b = baseline_for_report(args.run, args.report, out_dir=args.out, route_sets=tuple(args.route_sets), **opts)
+        for name, g in b["summary"].items():
+            print(f"{name} routes: acc {100 * g['routes_acc']:.1f}% at usage {g['routes_mean_usage']:.3f}; global mask "
+                  f"{100 * g['acc']:.1f}% at usage {g['head_usage']:.3f}: routes {100 * g['acc_diff']:+.1f} points "
+                  f"[{100 * g['acc_diff_ci95'][0]:+.1f}, {100 * g['acc_diff_ci95'][1]:+.1f}], McNemar p "
+                  f"{g['mcnemar_p']:.2g}")
+        return 0
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
     opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps",

@@ -15,10 +15,10 @@ import torch
 
 from steerprune.training.metrics import accuracy
 from steerprune.training.model import BackboneConfig, GatedViT
-from steerprune.training.train import run_model
+from steerprune.training.forward import run_model
 
 __all__ = [
-    "ValData", "aggregate", "head_usage", "kept_heads", "kept_heads_text", "MaskEval", "Candidate", "select_candidate",
+    "ValData", "aggregate", "head_usage", "gated_kept_heads", "gated_kept_heads_text", "MaskEval", "Candidate", "select_candidate",
     "threshold_candidates", "match_usage", "AGGREGATES",
 ]
 
@@ -59,14 +59,15 @@ def head_usage(mask: np.ndarray, gated: list[int]) -> float:
     return float(np.asarray(mask)[gated].mean())
 
 
-def kept_heads(mask: np.ndarray, gated: list[int]) -> dict[str, list[int]]:
-    """{"L3": [2, 5], ...}: the heads kept at each gated layer."""
+def gated_kept_heads(mask: np.ndarray, gated: list[int]) -> dict[str, list[int]]:
+    """{"L3": [2, 5], ...}: the heads kept at each gated layer (ungated layers, which keep every head, are left
+    out; `export.prune.kept_heads` lists every layer)."""
     return {f"L{l}": [int(h) for h in np.flatnonzero(np.asarray(mask)[l])] for l in gated}
 
 
-def kept_heads_text(mask: np.ndarray, gated: list[int]) -> str:
+def gated_kept_heads_text(mask: np.ndarray, gated: list[int]) -> str:
     """'L1: h0,h3; L2: -; L3: h2,h5' for tables."""
-    return "; ".join(f"{k}: {','.join(f'h{h}' for h in v) or '-'}" for k, v in kept_heads(mask, gated).items())
+    return "; ".join(f"{k}: {','.join(f'h{h}' for h in v) or '-'}" for k, v in gated_kept_heads(mask, gated).items())
 
 
 class MaskEval:

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from steerprune.errors import UserError
-from steerprune.training.train import run_model
+from steerprune.training.forward import run_model
 
 from .masks import (AGGREGATES, Candidate, MaskEval, ValData, aggregate, head_usage, match_usage, select_candidate,
                     threshold_candidates)
@@ -24,7 +24,7 @@ from .steer import (Steering, class_directions, encode_layers, head_importance, 
                     weighted_effects, rank_contrast, rank_effect, rank_usage, rank_zero_shot, route_direction, steer_fn,
                     top_k)
 
-__all__ = ["STRATEGIES", "RANKINGS", "SteerConfig", "Route", "RoutePlan", "make_routes", "load_groups", "plan_routes"]
+__all__ = ["STRATEGIES", "RANKINGS", "SteerConfig", "RouteSpec", "RoutePlan", "make_routes", "load_groups", "plan_routes"]
 
 STRATEGIES = ("per-class", "zero-shot", "global", "random")
 RANKINGS = ("contrast", "effect", "importance")
@@ -95,7 +95,9 @@ class SteerConfig:
         self.alphas = sorted({float(a) for a in self.alphas if a != 1.0})
 
 
-class Route(NamedTuple):
+class RouteSpec(NamedTuple):
+    """A route to plan: its name and the classes whose hint selects it (one class, or a group's)."""
+
     name: str
     classes: list[int]
 
@@ -103,7 +105,7 @@ class Route(NamedTuple):
 class RoutePlan(NamedTuple):
     """Everything chosen on val for one route."""
 
-    route: Route
+    route: RouteSpec
     steering: Steering  # the chosen latents and alpha
     k: int
     mask: np.ndarray  # (depth, H) steered static mask
@@ -148,11 +150,11 @@ def load_groups(path: str | Path, class_names: list[str]) -> dict[str, list[int]
     return groups
 
 
-def make_routes(class_names: list[str], groups: Optional[dict[str, list[int]]]) -> list[Route]:
+def make_routes(class_names: list[str], groups: Optional[dict[str, list[int]]]) -> list[RouteSpec]:
     """One route per class, or one per group when groups are given."""
     if groups:
-        return [Route(name, list(classes)) for name, classes in groups.items()]
-    return [Route(name, [c]) for c, name in enumerate(class_names)]
+        return [RouteSpec(name, list(classes)) for name, classes in groups.items()]
+    return [RouteSpec(name, [c]) for c, name in enumerate(class_names)]
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -176,7 +178,7 @@ class _Chooser:
         self._effects: dict = {}
         self.W_dec = {l: run.saes[l].W_dec.detach().float().numpy() for l in layers}
 
-    def scores(self, route: Route, layer: int, sign: float) -> np.ndarray:
+    def scores(self, route: RouteSpec, layer: int, sign: float) -> np.ndarray:
         Z = self.stats.latents[layer]
         if self.strategy == "zero-shot":
             cos = rank_zero_shot(self.W_dec[layer], route_direction(self.directions, route.classes))
@@ -194,7 +196,7 @@ class _Chooser:
             return rank_effect(self.effects(route, layer), sign, self.weights(route)[layer])
         return rank_contrast(Z, self.labels, route.classes)
 
-    def effects(self, route: Optional[Route], layer: int, predicted: bool = False) -> np.ndarray:
+    def effects(self, route: Optional[RouteSpec], layer: int, predicted: bool = False) -> np.ndarray:
         """(m, H) first-order effect of each latent on the keep logits over the route's val images (all if None);
         predicted: the images the model predicts as the route's classes instead of its labelled ones."""
         key = (None if route is None else tuple(route.classes), layer, predicted)
@@ -210,7 +212,7 @@ class _Chooser:
                                                   self.stats.inputs[layer][idx], self.stats.latents[layer][idx])
         return self._effects[key]
 
-    def weights(self, route: Route) -> np.ndarray:
+    def weights(self, route: RouteSpec) -> np.ndarray:
         """(depth, H) `importance_weights` of the route's heads, from its train images and its unsteered static mask."""
         if route.name not in self._weights:
             if self.baselines is None or route.name not in self.baselines:
@@ -226,14 +228,14 @@ class _Chooser:
             self._weights[route.name] = importance_weights(imp, mask, self.gated)
         return self._weights[route.name]
 
-    def latents(self, route: Route, k: int, alpha: float) -> dict[int, list[int]]:
+    def latents(self, route: RouteSpec, k: int, alpha: float) -> dict[int, list[int]]:
         if self.strategy == "random":  # the same draw for every alpha of a (route, k): only alpha and k are chosen
             rng = np.random.default_rng([self.cfg.seed, zlib.crc32(route.name.encode()), k])
             return self.random(route, k, rng)
         sign = 1.0 if alpha > 1 else -1.0
         return {l: top_k(self.scores(route, l, sign), k) for l in self.layers}
 
-    def random(self, route: Route, k: int, rng: np.random.Generator) -> dict[int, list[int]]:
+    def random(self, route: RouteSpec, k: int, rng: np.random.Generator) -> dict[int, list[int]]:
         idx = self.val.route(route.classes)
         return {l: random_latents(self.stats.latents[l][idx], k, rng) for l in self.layers}
 
@@ -244,7 +246,7 @@ def _steered_mask(run, val: ValData, idx: np.ndarray, steering: Steering, cfg: S
     return aggregate(f.masks, f.keep_logits, gated, cfg.tau, cfg.aggregate)
 
 
-def plan_routes(run, val: ValData, routes: list[Route], cfg: SteerConfig, strategy: Optional[str] = None,
+def plan_routes(run, val: ValData, routes: list[RouteSpec], cfg: SteerConfig, strategy: Optional[str] = None,
                 log=print, shared: Optional[dict] = None, rank_data: Optional[ValData] = None) -> list[RoutePlan]:
     """Choose latents, k and alpha per route (or once, for 'global') on val, and derive every static mask.
 

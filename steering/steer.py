@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from steerprune.training.model import PolicyInputFn
 from steerprune.training.sae import TopKSAE
-from steerprune.training.train import to_tensor
+from steerprune.training.tensors import to_tensor
 
 __all__ = [
     "Steering", "steer_fn", "steer_input", "LayerLatents", "encode_layers", "class_directions", "route_direction",
-    "policy_jacobian", "latent_effects", "weighted_effects", "head_importance", "importance_weights", "rank_contrast",
+    "weighted_effects", "head_importance", "importance_weights", "rank_contrast",
     "rank_zero_shot", "rank_effect", "rank_usage", "random_latents", "top_k",
 ]
 
@@ -129,30 +129,6 @@ def _normalise(inputs: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     xc = inputs - inputs.mean(1, keepdims=True)
     sigma = np.sqrt((xc ** 2).mean(1) + eps)  # (N,)
     return xc / sigma[:, None], sigma
-
-
-def policy_jacobian(policy, j: int, inputs: np.ndarray) -> np.ndarray:
-    """(N, H, D) exact Jacobian of gated layer j's keep logits w.r.t. its input at each residual x (N, D):
-    d logits / dx = W diag(gamma) (P − x̂ x̂ᵀ / D) / sigma, P the centring projection, x̂ = LN-normalised x."""
-    M, eps = _policy_parts(policy, j)
-    xh, sigma = _normalise(inputs, eps)  # (N, D), (N,)
-    D = inputs.shape[1]
-    MP = M - M.mean(1, keepdims=True)  # M P (H, D)
-    Mx = xh @ M.T  # (N, H)
-    return (MP[None] - Mx[:, :, None] * xh[:, None, :] / D) / sigma[:, None, None]
-
-
-def latent_effects(policy, j: int, sae: TopKSAE, inputs: np.ndarray) -> np.ndarray:
-    """(m, H): d(keep logits)/d(latent activation) = J(x) · W_dec[i], averaged over the given residuals (N, D).
-    Closed form of mean_n W_dec J_nᵀ, without materialising the (N, H, D) Jacobians."""
-    M, eps = _policy_parts(policy, j)
-    xh, sigma = _normalise(inputs, eps)
-    D = inputs.shape[1]
-    Wc = sae.W_dec.detach().float().numpy()
-    Wc = Wc - Wc.mean(1, keepdims=True)  # P W_dec[i]; P x̂ = x̂
-    mean_inv = float((1.0 / sigma).mean())
-    C = (xh / sigma[:, None]).T @ (xh @ M.T) / len(xh)  # (D, H) = mean_n x̂_n (M x̂_n)ᵀ / sigma_n
-    return Wc @ (M.T * mean_inv - C / D)
 
 
 def weighted_effects(policy, j: int, sae: TopKSAE, inputs: np.ndarray, Z: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("torch")
 
 from steerprune.errors import UserError  # noqa: E402
-from steerprune.steering.masks import (Candidate, ValData, aggregate, head_usage, kept_heads, kept_heads_text,  # noqa: E402
-                                       match_usage, select_candidate)
+from steerprune.steering.masks import (Candidate, ValData, aggregate, gated_kept_heads, gated_kept_heads_text,  # noqa: E402
+                                       head_usage, match_usage, select_candidate)
 from steerprune.steering.plan import load_groups, make_routes, plan_routes  # noqa: E402
 
 GATED = [1, 2]
@@ -34,8 +34,8 @@ def test_vote_aggregation_keeps_heads_kept_by_at_least_tau():
     np.testing.assert_array_equal(aggregate(m, None, GATED, tau=0.75), [[1, 1, 1], [1, 0, 0], [0, 0, 1]])
     np.testing.assert_array_equal(aggregate(m, None, GATED, tau=0.25), [[1, 1, 1], [1, 1, 1], [0, 1, 1]])
     assert head_usage(out, GATED) == pytest.approx(3 / 6)
-    assert kept_heads(out, GATED) == {"L1": [0], "L2": [1, 2]}
-    assert kept_heads_text(np.array([[1, 1, 1], [0, 0, 0], [0, 1, 1]]), GATED) == "L1: -; L2: h1,h2"
+    assert gated_kept_heads(out, GATED) == {"L1": [0], "L2": [1, 2]}
+    assert gated_kept_heads_text(np.array([[1, 1, 1], [0, 0, 0], [0, 1, 1]]), GATED) == "L1: -; L2: h1,h2"
 
 
 def test_prob_aggregation_uses_mean_keep_probability():

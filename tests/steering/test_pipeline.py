@@ -34,14 +34,14 @@ def test_report_schema_and_files(report, tiny_run):
     for r in on_disk["routes"]:
         assert r["name"] == on_disk["class_names"][r["classes"][0]] and len(r["classes"]) == 1
         for key in ("mask", "head_usage", "acc", "off_route_acc", "baseline", "threshold_control", "random_control",
-                    "alpha", "latents", "flops_rel", "kept_heads", "acc_ci95"):
+                    "alpha", "latents", "flops_rel", "gated_kept_heads", "acc_ci95"):
             assert key in r, key
         mask = np.asarray(r["mask"])
         assert mask.shape == (4, 6) and set(np.unique(mask)) <= {0, 1}
         ungated = [l for l in range(4) if l not in gated]
         assert (mask[ungated] == 1).all()
         assert r["head_usage"] == pytest.approx(mask[gated].mean())
-        assert r["kept_heads"] == {f"L{l}": np.flatnonzero(mask[l]).tolist() for l in gated}
+        assert r["gated_kept_heads"] == {f"L{l}": np.flatnonzero(mask[l]).tolist() for l in gated}
         for ctrl in ("baseline", "threshold_control", "random_control"):
             assert {"head_usage", "acc", "mask"} <= set(r[ctrl])
             assert 0 <= r[ctrl]["acc"] <= 1
@@ -56,9 +56,77 @@ def test_report_schema_and_files(report, tiny_run):
     zs = s["zero_shot"]
     assert set(zs["precision_at_k"]) == set(zs["random_precision"]) == {"1", "5", "10"}
     assert on_disk["zero_shot"]["random_precision"]["1"] == pytest.approx(1 / 384)
-    assert "label_free" in s and "targets" in on_disk
+    assert "label_free" in s and "targets" not in on_disk  # an issue's targets live in benchmarks/, not here
     md = (out / "report.md").read_text()
     assert "threshold control" in md and "| 0 |" in md and "precision@1" in md
+    assert "one global static mask" in md and "Routing vs one global static mask" in md and "Targets" not in md
+
+
+def test_global_mask_row_matches_the_routes_usage_and_pairs_on_the_same_images(report):
+    out, rep = report
+    gm = json.loads((out / "report.json").read_text())["global_mask"]
+    gated, H = rep["gated_layers"], 6
+    routes = rep["routes"]
+    for name, masks_of in (("steered", lambda r: r["mask"]), ("unsteered", lambda r: r["baseline"]["mask"])):
+        rs = gm["route_sets"][name]
+        usage = np.mean([np.asarray(masks_of(r))[gated].mean() for r in routes])
+        assert rs["routes_mean_usage"] == pytest.approx(usage)
+        counts = [g["n_heads"] for g in rs["global_masks"]]
+        exact = usage * len(gated) * H
+        assert counts[0] == int(np.ceil(exact - 1e-9)) and counts[-1] == int(np.floor(exact + 1e-9))
+        for g in rs["global_masks"]:
+            m = np.asarray(g["mask"])
+            assert int(m[gated].sum()) == g["n_heads"] and (np.delete(m, gated, axis=0) == 1).all()
+            assert g["head_usage"] == pytest.approx(g["n_heads"] / (len(gated) * H))
+            assert g["val_acc"] == max(c["val_acc"] for c in g["val_candidates"]) and len(g["val_candidates"]) == 4
+            t = g["test"]
+            assert t["n"] == sum(r["n"] for r in routes)  # every route's test images, each answered both ways
+            assert t["acc_diff"] == pytest.approx(t["routes_acc"] - t["global_acc"])
+            assert t["acc_diff"] == pytest.approx((t["only_routes_right"] - t["only_global_right"]) / t["n"])
+            assert t["acc_diff_ci95"][0] <= t["acc_diff"] <= t["acc_diff_ci95"][1]
+            assert t["global_acc_ci95"][0] <= t["global_acc"] <= t["global_acc_ci95"][1]
+            assert 0 < t["mcnemar_p"] <= 1
+        # the routes' accuracies are the report's own, recomputed on the same images
+        per_route = {p["name"]: p["route_acc"] for p in rs["global_masks"][0]["test"]["per_route"]}
+        for r in routes:
+            assert per_route[r["name"]] == pytest.approx((r if name == "steered" else r["baseline"])["acc"])
+    s = rep["summary"]["global_mask"]["steered"]
+    assert s["acc"] == gm["route_sets"]["steered"]["global_masks"][0]["test"]["global_acc"]
+    assert s["head_usage"] >= s["routes_mean_usage"] - 1e-9
+
+
+def test_baseline_only_reproduces_the_report_row_and_leaves_the_report_alone(report, tiny_run, tmp_path, capsys):
+    from steerprune.cli import main
+
+    out, rep = report
+    before = (out / "report.json").read_bytes()
+    rc = main(["steer", str(tiny_run), "--baseline-only", "--report", str(out / "report.json"),
+               "--out", str(tmp_path / "b")])
+    assert rc == 0
+    assert (out / "report.json").read_bytes() == before
+    b = json.loads((tmp_path / "b" / "global_baseline.json").read_text())
+    assert b["route_acc_max_abs_diff_vs_report"] == 0.0
+    for name in ("steered", "unsteered"):
+        # the same val-only choice whether computed inside the steering run or afterwards from its report
+        assert [g["mask"] for g in b["route_sets"][name]["global_masks"]] == \
+            [g["mask"] for g in rep["global_mask"]["route_sets"][name]["global_masks"]]
+        assert b["summary"][name]["acc"] == pytest.approx(rep["summary"]["global_mask"][name]["acc"])
+    assert "global mask" in capsys.readouterr().out
+    assert "Routing vs one global static mask" in (tmp_path / "b" / "global_baseline.md").read_text()
+    # the cheap form: one ranking (no val scoring), steered routes only, the rounded-up count only
+    rc = main(["steer", str(tiny_run), "--baseline-only", "--report", str(out / "report.json"), "--out",
+               str(tmp_path / "c"), "--route-sets", "steered", "--global-rankings", "vote", "--global-thresholds",
+               "0.5", "--round-up-only"])
+    assert rc == 0
+    c = json.loads((tmp_path / "c" / "global_baseline.json").read_text())
+    (g,) = c["route_sets"]["steered"]["global_masks"]
+    assert list(c["route_sets"]) == ["steered"] and g["ranking"] == "vote@0.5" and g["val_acc"] is None
+    assert g["n_heads"] == b["route_sets"]["steered"]["global_masks"][0]["n_heads"]
+    assert main(["steer", str(tiny_run), "--baseline-only", "--report", str(out / "report.json"),
+                 "--global-rankings", "nope"]) == 2
+    assert main(["steer", str(tiny_run), "--baseline-only", "--report", str(tmp_path / "none.json")]) == 2
+    assert main(["steer", str(tiny_run), "--report", str(out / "report.json")]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 def test_plots_are_written(report):
@@ -86,6 +154,9 @@ def test_choices_do_not_depend_on_the_test_split(report, tiny_run, tmp_path, mon
             assert a[key] == b[key], (a["name"], key)
         for ctrl in ("baseline", "threshold_control", "random_control"):
             assert a[ctrl]["mask"] == b[ctrl]["mask"]
+    for name, rs in rep["global_mask"]["route_sets"].items():  # the global baseline is chosen on val too
+        assert [g["mask"] for g in rs["global_masks"]] == \
+            [g["mask"] for g in rep2["global_mask"]["route_sets"][name]["global_masks"]]
     assert [r["acc"] for r in rep["routes"]] != [r["acc"] for r in rep2["routes"]]  # test figures did change
 
 
