@@ -81,3 +81,16 @@ def test_dockerignore_keeps_every_package_folder_and_drops_the_bulk():
         assert not _ignored(f"{folder}/__init__.py", patterns)
     for bulk in (".git", ".venv", "runs", "tests", "examples", "bundles", "x/model.onnx", "x/__pycache__"):
         assert _ignored(bulk, patterns), f".dockerignore lets {bulk} into the build context"
+
+
+def test_bentofile_packages_are_the_serve_extra():
+    yaml = pytest.importorskip("yaml")
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+
+    def names(reqs):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    serve = _pyproject()["project"]["optional-dependencies"]["serve"]
+    assert names(bento["python"]["packages"]) == names(serve)
+    pins = {r for r in serve if "==" in r}
+    assert pins <= set(bento["python"]["packages"]), "bentoml/onnxruntime pins must match pyproject's"
