@@ -193,3 +193,17 @@ def test_client_gone_polls_receive_without_waiting():
 
     live, leaked, gone, took = asyncio.run(main())
     assert live is False and leaked == 0 and gone is True and took < 0.01
+
+
+def test_queue_bounds_in_serve_config_env_and_validation():
+    from steerprune.errors import UserError
+    from steerprune.service.config import ServeConfig
+
+    cfg = ServeConfig.from_env({"STEERPRUNE_BUNDLE": "b", "STEERPRUNE_MAX_QUEUE": "16",
+                                "STEERPRUNE_MAX_WAIT_MS": "250"})
+    assert (cfg.max_queue, cfg.max_wait_ms) == (16, 250.0) and ServeConfig.from_env(cfg.to_env()) == cfg
+    for bad in ({"max_queue": 0}, {"max_wait_ms": 0.5}, {"max_wait_ms": 700_000}):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            ServeConfig(bundle="b", **bad)
+    with pytest.raises(UserError, match="STEERPRUNE_MAX_QUEUE"):
+        ServeConfig.from_env({"STEERPRUNE_BUNDLE": "b", "STEERPRUNE_MAX_QUEUE": "lots"})
