@@ -12,7 +12,7 @@ CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifa
 
 
 def tiny_train_config(**overrides):
-    from steerprune.training.train import TrainConfig
+    from steerprune.training.config import TrainConfig
 
     base = dict(epochs=25, policy_epochs=4, sae_steps=400, sae_aug_passes=2, seed=0)
     base.update(overrides)
