@@ -107,6 +107,15 @@ class GreedyBatcher:
         ahead = self.ahead_ms()
         raise Overloaded(reason, f"overloaded: {message}; retry later", _retry_after(ahead), len(self._queue), ahead)
 
+    def check_deadline(self, arrived: float) -> None:
+        """Raise Overloaded('deadline') if a request that arrived at `arrived` (time.monotonic()) has already waited
+        max_wait_ms: called before costly work (decoding) that its batch would never use."""
+        if self.max_wait_ms is not None and time.monotonic() - arrived > self.max_wait_ms / 1000.0:
+            self._skip_count("deadline")
+            ahead = self.ahead_ms()
+            raise Overloaded("deadline", f"overloaded: waited {self.max_wait_ms:g} ms (max_wait_ms) before its "
+                                         "upload was decoded; retry later", _retry_after(ahead), len(self._queue), ahead)
+
     async def submit(self, item: Any, is_gone: Optional[Callable[[], bool]] = None,
                      arrived: Optional[float] = None) -> Any:
         """Queue one item and wait for its result. Raises Overloaded (queue bound, or its batch not started by
@@ -132,10 +141,13 @@ class GreedyBatcher:
         self._queued_ms = max(0.0, self._queued_ms - job.cost_ms) if self._queue else 0.0
         return job
 
-    def _skip(self, job: _Job, reason: str, exc: Optional[BaseException]) -> None:
+    def _skip_count(self, reason: str) -> None:
         self.skipped[reason] += 1
         if self.on_skip is not None:
             self.on_skip(reason, 1)
+
+    def _skip(self, job: _Job, reason: str, exc: Optional[BaseException]) -> None:
+        self._skip_count(reason)
         if exc is not None and not job.fut.done():
             job.fut.set_exception(exc)
 
@@ -237,6 +249,9 @@ class CorkBatcher:
                                           fallback=overloaded, get_batch_size=lambda _: 1)
         self._call = self._dispatcher(callback)
         self.skipped: collections.Counter = collections.Counter()
+
+    def check_deadline(self, arrived: float) -> None:
+        pass
 
     def admit(self):
         return contextlib.nullcontext()  # CorkDispatcher has no bound to check up front; it refuses past max_latency_ms

@@ -8,7 +8,9 @@ Endpoints (plus BentoML's /livez, /readyz and /metrics):
 multipart parser answers HTTP 500 when `image` arrives as a text field (it tries to download it as a URL) or when
 a non-file field holds binary data, its batchable APIs take a single argument, and its APIs are POST-only. Here
 the handler reads the body under a size limit, validates every field and the image itself, and only then queues
-the preprocessed image for batched inference (batching.py). Every client mistake is a 4xx JSON `{"error": ...}`.
+the preprocessed image for batched inference (batching.py). Every client mistake is a 4xx JSON `{"error": ...}`;
+what the worker cannot serve in time is a 503 with Retry-After and the reason (docs/overload.md), decided before
+the body is read where possible; requests whose client left are not computed. The HTTP API: docs/api.md.
 """
 from __future__ import annotations
 
@@ -205,6 +207,7 @@ class SteerPrune:
         if gone():  # gave up while its upload waited (decoding is the costly part)
             SKIPPED.labels(reason="disconnected").inc()
             raise ClientGone("the client disconnected before its image was decoded")
+        self.batcher.check_deadline(arrived)  # waited max_wait_ms already (a backlogged event loop): not decoded
         try:
             if decode_inline(image):  # few pixels by the header: cheaper than a thread hop
                 x = decode_image(image, self.engine.spec, self.cfg.max_pixels)

@@ -207,3 +207,11 @@ def test_queue_bounds_in_serve_config_env_and_validation():
             ServeConfig(bundle="b", **bad)
     with pytest.raises(UserError, match="STEERPRUNE_MAX_QUEUE"):
         ServeConfig.from_env({"STEERPRUNE_BUNDLE": "b", "STEERPRUNE_MAX_QUEUE": "lots"})
+
+
+def test_deadline_checked_before_costly_work():
+    b = GreedyBatcher(lambda items: items, max_batch_size=2, max_wait_ms=50)
+    b.check_deadline(time.monotonic())  # just arrived: fine
+    with pytest.raises(Overloaded) as e:
+        b.check_deadline(time.monotonic() - 0.2)
+    assert e.value.reason == "deadline" and b.skipped["deadline"] == 1

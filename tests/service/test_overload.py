@@ -140,12 +140,12 @@ def test_clients_that_left_are_not_computed_and_every_request_is_accounted_for(t
         before = scrape(proc.url)
 
         async def main():
-            # 400 waiting clients build a backlog; once it is there, 100 more send and give up 0.1 s later
+            # 400 waiting clients build a backlog; once it is there, 100 more send and close at once (gave up)
             kept = asyncio.gather(*(_raw(port, raw) for _ in range(400)))
             loop = asyncio.get_running_loop()
             while not kept.done() and await loop.run_in_executor(None, in_progress, proc.url) < 100:
                 await asyncio.sleep(0.01)
-            early = await asyncio.gather(*(_raw(port, raw, leave_after_s=0.1) for _ in range(100)))
+            early = await asyncio.gather(*(_raw(port, raw, leave_after_s=0.0) for _ in range(100)))
             return await kept, sum(early)
 
         results, answered_early = asyncio.run(main())
@@ -161,7 +161,7 @@ def test_clients_that_left_are_not_computed_and_every_request_is_accounted_for(t
         print(f"\nabandoned: {answered_early} answered before their client left; answered {answered}, "
               f"skipped {skipped}, overloaded {overloaded}")
         assert answered + skipped + overloaded == 500, (answered, skipped, overloaded)
-        assert skipped >= 0.8 * (100 - answered_early) and skipped >= 20, (answered_early, skipped)
+        assert skipped >= 0.9 * (100 - answered_early), (answered_early, skipped)
         assert httpx.get(proc.url + "/readyz", timeout=5).status_code == 200
     finally:
         stop_server(proc)
