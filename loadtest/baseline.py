@@ -15,13 +15,14 @@ __all__ = ["inprocess_baseline", "baseline_report"]
 
 
 def inprocess_baseline(bundle: str, x: np.ndarray, plan: list[Planned], threads: int = 0, seconds: float = 1.5,
-                       hint_mode: str = "verify", min_prob: float = 0.7) -> dict:
-    """Offline answers for the plan (what the server must return, in its hint mode), the full model's prediction
-    for every image, and each model's ONNX Runtime ms per image at batch 1 and 32."""
+                       hint_mode: str = "verify", min_prob: float = 0.7, acceptance: str = "route") -> dict:
+    """Offline answers for the plan (what the server must return, in its hint mode and acceptance), the full
+    model's prediction for every image, and each model's ONNX Runtime ms per image at batch 1 and 32."""
     from steerprune.service.config import ServeConfig
     from steerprune.service.engine import FULL, Engine
 
-    eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads, hint_mode=hint_mode, min_prob=min_prob))
+    eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads, hint_mode=hint_mode, min_prob=min_prob,
+                             acceptance=acceptance))
     per_model = {}
     for model in eng.sessions:
         row = {}
@@ -57,7 +58,7 @@ def baseline_report(bundle: str, pngs: list[bytes], plan: list[Planned], samples
     ok = [s for s in samples if s.status == 200]
     used = max((s.planned for s in samples), default=-1) + 1
     base = inprocess_baseline(bundle, x, plan[:used], threads=threads, hint_mode=listing.get("hint_mode", "verify"),
-                              min_prob=listing.get("min_prob", 0.7))
+                              min_prob=listing.get("min_prob", 0.7), acceptance=listing.get("acceptance", "route"))
     full_correct = [int(base["full_pred"][plan[s.planned].image]) == int(labels[plan[s.planned].image]) for s in ok]
     mism = [s.planned for s in ok if s.answer["index"] != int(base["answers"][s.planned].probs.argmax())
             or s.answer["fallback"] != base["answers"][s.planned].fallback]
@@ -69,12 +70,19 @@ def baseline_report(bundle: str, pngs: list[bytes], plan: list[Planned], samples
     if ok:
         out["accuracy_minus_full_points"] = round((accuracy - np.mean(full_correct)) * 100, 2)
         # the same answers computed in-process, each model at its faster batch size (1 or 32: on 2 threads a DeiT-S
-        # runs faster per image at batch 1): each request's model, plus the full model on fallback
+        # runs faster per image at batch 1): each request's routed model if it ran (not for a route the bundle does
+        # not serve), plus the full model when it answered
         ms = {m.split("/")[-1]: min(v["ms_per_image_b1"], v["ms_per_image_b32"]) for m, v in base["models"].items()}
         full_ms = ms[Path(listing["full"]["model"]).name]
         routed_ms = {r: ms[Path(v["model"]).name] for r, v in listing["routes"].items()}
-        busy_ms = sum(routed_ms.get(s.answer["route"], full_ms) + (full_ms if s.answer["fallback"] else 0.0)
-                      for s in ok)
+
+        def cost_ms(a: dict) -> float:
+            if a["route"] not in routed_ms:
+                return full_ms
+            routed_ran = not a["fallback"] or "routed" in a  # "routed": the overruled routed answer
+            return (routed_ms[a["route"]] if routed_ran else 0.0) + (full_ms if a["fallback"] else 0.0)
+
+        busy_ms = sum(cost_ms(s.answer) for s in ok)
         inproc_rps = len(ok) / (busy_ms / 1000) if busy_ms else None
         out["inprocess"]["throughput_rps_same_requests"] = round(inproc_rps, 1) if inproc_rps else None
         out["server_share_of_inprocess_throughput"] = (round(throughput_rps / inproc_rps, 3)
