@@ -128,7 +128,7 @@ def test_offline_cost_recorded(manifest):
     assert c["batch_size"] == 16 and c["threads"] == 1 and c["acceptance"] == "route"
     assert c["n"] == manifest["full"]["n_test"] == c["overall"]["n"]
     o = c["overall"]
-    assert 0 < o["cost_rel"] < 3 and o["hinted_ms"] > 0 and o["full_ms"] > 0
+    assert 0 < o["cost_rel"] < 3 and o["hinted_ms"] > 0 and o["full_ms"] > 0 and o["cost_rel_wall"] > 0
     assert o["full_acc"] == pytest.approx(manifest["full"]["acc"], abs=1e-9)
     assert 0 <= o["fallback"] <= 1 and 0 < o["flops_cost"] <= 2
     assert set(c["routes"]) == set(manifest["routes"]) and c["routes"]["3"]["served"] is False

@@ -93,3 +93,31 @@ def test_manifest_module_is_torch_free():
             "steerprune.export.runtime, steerprune.export.acceptance, steerprune.export.cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bundle_cost_command(tiny_bundle, tmp_path, capsys):
+    """`bundle cost` on an NPZ: right hints vs unhinted with the service's engine; both acceptance modes; bad input."""
+    import numpy as np
+
+    from steerprune.training.data import load_data
+
+    test = load_data("digits").test
+    npz = tmp_path / "test.npz"
+    np.savez(npz, images=test.images, labels=test.labels)
+    for acc in ("route", "global"):
+        out = tmp_path / f"{acc}.json"
+        assert main(["bundle", "cost", str(tiny_bundle), "--images", str(npz), "--batch", "1", "--rounds", "1",
+                     "--max-images", "150", "--acceptance", acc, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["acceptance"] == acc and res["batch_size"] == 1 and res["n"] == 150
+        o = res["overall"]
+        assert o["cost_rel"] > 0 and o["cost_rel_wall"] > 0 and o["n"] == 150 and 0 <= o["fallback"] <= 1
+        # the not-served route "3" answers with the full model under per-route rules, and is served under global
+        assert res["routes"]["3"]["served"] is (acc == "global")
+        assert f"acceptance {acc}: CPU" in capsys.readouterr().out
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    assert main(["bundle", "cost", str(tiny_bundle), "--images", str(tmp_path / "bad.npz")]) == 2
+    assert "not an NPZ" in _error_line(capsys)
+    np.savez(tmp_path / "big.npz", images=np.zeros((4, 16, 16, 1), np.uint8), labels=np.zeros(4, int))
+    assert main(["bundle", "cost", str(tiny_bundle), "--images", str(tmp_path / "big.npz")]) == 2
+    assert "images must be uint8 (N, 8, 8, C)" in _error_line(capsys)
