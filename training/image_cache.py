@@ -32,29 +32,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STEERPRUNE_CACHE_DIR") or Path.home() / ".cache" / "steerprune").expanduser()
 
 
-def list_class_files(root: Path, names: list[str], suffixes: set[str]) -> list[tuple[Path, int, os.stat_result]]:
-    """(file, label, stat) for every image under root/<name>/, classes in `names` order, files sorted by name."""
+def list_class_files(root: Path, names: list[str], suffixes: set[str]) -> list[tuple[str, int, int, int]]:
+    """(path, label, size, mtime_ns) for every image under root/<name>/, classes in `names` order, files sorted."""
     out = []
     for label, name in enumerate(names):
-        d = root / name
-        if not d.is_dir():
+        d = os.path.join(root, name)
+        if not os.path.isdir(d):
             raise UserError(f"missing class folder {d}")
-        entries = sorted((e for e in os.scandir(d) if e.is_file() and Path(e.name).suffix.lower() in suffixes),
+        entries = sorted((e for e in os.scandir(d) if e.is_file() and os.path.splitext(e.name)[1].lower() in suffixes),
                          key=lambda e: e.name)
         if not entries:
             raise UserError(f"class folder {d} holds no images")
-        out += [(Path(e.path), label, e.stat()) for e in entries]
+        for e in entries:
+            st = e.stat()
+            out.append((e.path, label, st.st_size, st.st_mtime_ns))
     return out
 
 
 def _key(root: Path, files, size: int, mode: str) -> str:
     h = hashlib.sha256(f"{_VERSION}|{size}|{mode}|".encode())
-    for f, label, st in files:
-        h.update(f"{f.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    skip = len(str(root)) + 1  # paths relative to root: a moved dataset keeps its cache
+    h.update("".join(f"{f[skip:]}|{label}|{n}|{t}\n" for f, label, n, t in files).encode())
     return h.hexdigest()[:24]
 
 
-def _decode(paths: list[Path], size: int, mode: str) -> np.ndarray:
+def _decode(paths: list[str], size: int, mode: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     out = np.empty((len(paths), size, size, 1 if mode == "L" else 3), np.uint8)
@@ -78,7 +80,7 @@ def load_class_folders(root: Path, names: list[str], size: int, mode: str = "RGB
     Decoding runs in `workers` threads (default: the CPU count; Pillow releases the GIL while it decodes)."""
     root = Path(root)
     files = list_class_files(root, names, suffixes or {".jpg", ".jpeg", ".png"})
-    labels = np.fromiter((label for _, label, _ in files), np.int64, len(files))
+    labels = np.fromiter((f[1] for f in files), np.int64, len(files))
     path = cache_dir() / f"{root.parent.name}-{root.name}-{_key(root, files, size, mode)}.npz"
     if use_cache and path.is_file():
         try:
@@ -88,7 +90,7 @@ def load_class_folders(root: Path, names: list[str], size: int, mode: str = "RGB
                 return FolderImages(images, labels, True)
         except Exception:  # noqa: BLE001 - a damaged cache file is decoded again and replaced
             pass
-    paths = [f for f, _, _ in files]
+    paths = [f[0] for f in files]
     chunk = 512
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
