@@ -128,7 +128,7 @@ def baseline_for_report(run_dir: str | Path, report_path: Optional[str | Path] =
         sets = {k: v for k, v in sets.items() if k in route_sets}
     except (KeyError, TypeError) as e:
         raise UserError(f"{report_path}: a route lacks {e} (expected name, classes, mask and baseline.mask)") from None
-    log(f"global-mask baseline for {report_path}: {len(sets['steered'])} routes, {len(data.val)} val images choose, "
+    log(f"global-mask baseline for {report_path}: {len(report['routes'])} routes, {len(data.val)} val images choose, "
         f"{len(data.test)} test images report")
     baseline = global_baseline(run, ValData(data.val.images, data.val.labels), data.test, sets, cfg, log=log)
     # the same route masks on the same test images: the report's route accuracies must come out again
