@@ -113,15 +113,16 @@ def test_baseline_only_reproduces_the_report_row_and_leaves_the_report_alone(rep
         assert b["summary"][name]["acc"] == pytest.approx(rep["summary"]["global_mask"][name]["acc"])
     assert "global mask" in capsys.readouterr().out
     assert "Routing vs one global static mask" in (tmp_path / "b" / "global_baseline.md").read_text()
-    # the cheap form: one ranking (no val scoring), steered routes only, the rounded-up count only
+    # the cheap form: one ranking (no val scoring), one route set, the rounded-up count only
     rc = main(["steer", str(tiny_run), "--baseline-only", "--report", str(out / "report.json"), "--out",
-               str(tmp_path / "c"), "--route-sets", "steered", "--global-rankings", "vote", "--global-thresholds",
+               str(tmp_path / "c"), "--route-sets", "unsteered", "--global-rankings", "vote", "--global-thresholds",
                "0.5", "--round-up-only"])
     assert rc == 0
     c = json.loads((tmp_path / "c" / "global_baseline.json").read_text())
-    (g,) = c["route_sets"]["steered"]["global_masks"]
-    assert list(c["route_sets"]) == ["steered"] and g["ranking"] == "vote@0.5" and g["val_acc"] is None
-    assert g["n_heads"] == b["route_sets"]["steered"]["global_masks"][0]["n_heads"]
+    (g,) = c["route_sets"]["unsteered"]["global_masks"]
+    assert list(c["route_sets"]) == ["unsteered"] and g["ranking"] == "vote@0.5" and g["val_acc"] is None
+    assert g["n_heads"] == b["route_sets"]["unsteered"]["global_masks"][0]["n_heads"]
+    assert c["route_acc_max_abs_diff_vs_report"] == 0.0
     assert main(["steer", str(tiny_run), "--baseline-only", "--report", str(out / "report.json"),
                  "--global-rankings", "nope"]) == 2
     assert main(["steer", str(tiny_run), "--baseline-only", "--report", str(tmp_path / "none.json")]) == 2
