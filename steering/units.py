@@ -68,6 +68,9 @@ class UnitsConfig:
     schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
     """'uniform' cuts the same fraction in every block; 'global' cuts that fraction of all units, least important
     first across blocks (importances are loss estimates, so they compare across blocks)."""
+    search: str = "all"
+    """'all' scores every candidate on val (full curves, per-scheme bests); 'cheapest-first' scores them in order of
+    increasing FLOPs and stops at the first that passes the rule: the same choice for far fewer forwards."""
     global_model: bool = True
     """Also build the single global model (one head mask + one unit set for all classes) as the baseline."""
     batch_size: int = 128
@@ -89,6 +92,8 @@ class UnitsConfig:
             raise UserError("images, global_images and batch_size must be >= 1")
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise UserError(f"fractions must be in (0, 1], got {self.fractions}")
+        if self.search not in ("all", "cheapest-first"):
+            raise UserError(f"search must be 'all' or 'cheapest-first', got {self.search!r}")
         if not self.schemes or any(s not in SCHEMES for s in self.schemes):
             raise UserError(f"schemes must be among {', '.join(SCHEMES)}, got {self.schemes}")
         self.fractions = sorted({float(f) for f in self.fractions})
@@ -256,7 +261,8 @@ def _curve(cands: list[UnitCandidate]) -> list[list]:
 # ---------------------------------------------------------------------------------------------- the stage
 
 def _merge_parts(parts: list, names: list[str], report_path: Path) -> list[dict]:
-    """The routes of several parts' units.json, in the report's order; each report route exactly once."""
+    """The routes of several parts' units.json (finished or cut off), in the report's order; a route in two parts is
+    refused."""
     from steerprune.training.run import read_json
 
     got: dict[str, dict] = {}
@@ -268,10 +274,9 @@ def _merge_parts(parts: list, names: list[str], report_path: Path) -> list[dict]
             if r["name"] in got:
                 raise UserError(f"route {r['name']!r} is in more than one part")
             got[r["name"]] = r
-    missing = [n for n in names if n not in got]
-    if missing:
-        raise UserError(f"the parts do not cover routes {missing}")
-    return [got[n] for n in names]
+    if not got:
+        raise UserError(f"the parts {[str(x) for x in parts]} hold no route yet")
+    return [got[n] for n in names if n in got]  # a route no part has finished stays heads-only at export
 
 
 def _claim(ev: UnitEval, images: np.ndarray, classes: list[int], mask, units) -> float:
@@ -290,10 +295,12 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
     imp = unit_importance(vit, train.images[ti], train.labels[ti], bcfg, mask, cfg.importance, cfg.batch_size)
     vx, vy = val.images[vi], val.labels[vi]
     off = _sample(np.flatnonzero(~np.isin(val.labels, classes)), cfg.off_images, seed + [1])
-    route_acc = ev.acc(vx, vy, mask, None)
+    from steerprune.training.model import head_flops
+
+    rv = r.get("val", {}).get("acc")  # the steering report's own val figure for this mask, when it has one
+    route_acc = rv if isinstance(rv, float) and r.get("val", {}).get("n") == len(vi) else ev.acc(vx, vy, mask, None)
     ref_acc = {"route": lambda: route_acc, "full": lambda: ev.acc(vx, vy, full_mask, None),
                "unsteered": lambda: ev.acc(vx, vy, r.get("baseline", {}).get("mask", mask), None)}[cfg.reference]()
-    cands = _candidates(ev, vit, imp, vx, vy, mask, cfg, route_acc)
     claims: dict[tuple, float] = {}
 
     def claim(c: UnitCandidate) -> float:
@@ -301,11 +308,29 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
             claims[(c.scheme, c.cut)] = _claim(ev, val.images[off], classes, mask, c.units)
         return claims[(c.scheme, c.cut)]
 
-    base_claim = claim(cands[0])
-    c = select_units(cands, ref_acc, cfg.eps, claim, base_claim + cfg.claim_eps)
-    by_scheme = {s: select_units([x for x in cands if x.scheme in ("none", s)], ref_acc, cfg.eps, claim,
-                                 base_claim + cfg.claim_eps).cut for s in cfg.schemes}
-    acc_only = select_units(cands, ref_acc, cfg.eps)  # what the accuracy rule alone would take
+    none = UnitCandidate("none", 0.0, None, head_flops(vit, mask)["rel"], route_acc)
+    base_claim = claim(none)
+    max_claim = base_claim + cfg.claim_eps
+    by_scheme = None
+    if cfg.search == "all":
+        cands = _candidates(ev, vit, imp, vx, vy, mask, cfg, route_acc)
+        c = select_units(cands, ref_acc, cfg.eps, claim, max_claim)
+        by_scheme = {s: select_units([x for x in cands if x.scheme in ("none", s)], ref_acc, cfg.eps, claim,
+                                     max_claim).cut for s in cfg.schemes}
+        acc_only = select_units(cands, ref_acc, cfg.eps)  # what the accuracy rule alone would take
+    else:  # cheapest first, stop at the first that passes both checks: select_units' choice, fewer forwards
+        specs = sorted(((head_flops(vit, mask, u)["rel"], cut, sch, u) for sch in cfg.schemes for cut in cfg.fractions
+                        for u in [candidate_units(imp, cut, sch)]), key=lambda t: (round(t[0], 9), t[1]))
+        cands, c, acc_only = [none], none, None
+        for flops, cut, sch, u in specs:
+            cand = UnitCandidate(sch, cut, u, flops, ev.acc(vx, vy, mask, u))
+            cands.append(cand)
+            if cand.val_acc >= ref_acc - cfg.eps - 1e-12:
+                acc_only = acc_only or cand
+                if claim(cand) <= max_claim + 1e-12:
+                    c = cand
+                    break
+        acc_only = acc_only or none
     # the test record: route images, and a seeded sample of other classes' images for the claim rate
     ti_test = test.route(classes)
     off_t = _sample(np.flatnonzero(~np.isin(test.labels, classes)), cfg.off_images, seed + [2])
@@ -320,9 +345,9 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
                          else test_rec["claim_heads_only"])
     return {
         "name": name, "classes": classes, "mask": mask, "mlp_units": c.units, "mlp_kept": _kept(c.units, vit),
-        "scheme": c.scheme, "cut": c.cut, "flops_rel": c.flops_rel, "flops_rel_heads_only": cands[0].flops_rel,
+        "scheme": c.scheme, "cut": c.cut, "flops_rel": c.flops_rel, "flops_rel_heads_only": none.flops_rel,
         "val": {"n": int(len(vi)), "n_off": int(len(off)), "route_acc": route_acc, "reference_acc": ref_acc,
-                "acc": c.val_acc, "claim_heads_only": base_claim, "claim": claim(c),
+                "acc": c.val_acc, "claim_heads_only": base_claim, "claim": claim(c), "search": cfg.search,
                 "best_cut_per_scheme": by_scheme,
                 "accuracy_rule_alone": {"scheme": acc_only.scheme, "cut": acc_only.cut, "flops_rel": acc_only.flops_rel,
                                         "acc": acc_only.val_acc, "claim": claims.get((acc_only.scheme, acc_only.cut))},
@@ -367,8 +392,16 @@ def units_run(run_dir, cfg: Optional[UnitsConfig] = None, report_path=None, out_
             raise UserError(f"routes {unknown} are not in {report_path}")
     todo = [r for r in rep["routes"] if routes is None or str(r["name"]) in routes]
     routes_out = _merge_parts(parts, names, report_path) if parts is not None else []
+    if parts is not None:  # the choices were made with the parts' settings: record those, not this call's
+        part_cfgs = [read_json(Path(x) / UNITS_FILE)["config"] for x in parts]
+        if any(c != part_cfgs[0] for c in part_cfgs):
+            raise UserError("the parts were made with different settings: merge parts of one configuration")
+        cfg = UnitsConfig(**{**part_cfgs[0], "global_model": cfg.global_model})
+    out_dir.mkdir(parents=True, exist_ok=True)
     for ri, r in enumerate([] if parts is not None else todo):
         routes_out.append(_route_units(ev, vit, bcfg, r, train, val, test, full_mask, cfg))
+        write_json(out_dir / UNITS_FILE, {"run": str(run.path), "report": str(report_path), "config": asdict(cfg),
+                                          "routes": routes_out, "partial": True})  # kept if the stage is cut off
         e = routes_out[-1]
         log(f"  units {e['name']}: {e['scheme']} cut {e['cut']:g}, FLOPs {e['flops_rel_heads_only']:.3f} -> "
             f"{e['flops_rel']:.3f}, val acc {e['val']['route_acc']:.3f} -> {e['val']['acc']:.3f} (ref "
@@ -377,7 +410,7 @@ def units_run(run_dir, cfg: Optional[UnitsConfig] = None, report_path=None, out_
             f"{time.perf_counter() - t0:.0f} s)")
 
     summary = {
-        "routes": len(routes_out), "routes_cut": sum(e["mlp_units"] is not None for e in routes_out),
+        "routes": len(routes_out), "missing": [n for n in names if n not in {e["name"] for e in routes_out}], "routes_cut": sum(e["mlp_units"] is not None for e in routes_out),
         "mean_flops_rel_heads_only": float(np.mean([e["flops_rel_heads_only"] for e in routes_out])),
         "mean_flops_rel": float(np.mean([e["flops_rel"] for e in routes_out])),
         "mean_val_acc_heads_only": float(np.mean([e["val"]["route_acc"] for e in routes_out])),

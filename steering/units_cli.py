@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global-images", type=int, help="train images for the global model's importance (default 2048)")
     p.add_argument("--global-val", type=int, help="val images scoring the global model's candidates (default 1000)")
     p.add_argument("--batch-size", type=int, help="images per importance forward/backward (default 128)")
+    p.add_argument("--search", choices=["all", "cheapest-first"],
+                   help="score every candidate (default all) or cheapest first until one passes (same choice, faster)")
     p.add_argument("--no-global", action="store_true", help="skip the single-global-model baseline")
     p.add_argument("--routes", type=lambda v: [x for x in v.split(",") if x],
                    help="only these routes (a part: run parts in parallel with their own --out, then --merge)")
@@ -51,7 +53,7 @@ def _units(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = {k: getattr(args, k) for k in ("eps", "reference", "importance", "images", "fractions", "seed", "schemes",
-                                          "off_images", "claim_eps", "global_images", "global_val", "batch_size")
+                                          "off_images", "claim_eps", "global_images", "global_val", "batch_size", "search")
             if getattr(args, k) is not None}
     if args.no_global:
         opts["global_model"] = False

@@ -84,52 +84,99 @@ def test_taylor_importance_is_the_mask_gradient():
     assert all((a >= 0).all() and a.shape == (96,) for a in act)
 
 
+ROUTES = [  # depth 4 x 6 heads: "0" and "1" share a head mask, "7" has no head left in its last layer
+    {"name": "0", "classes": [0], "mask": [[1] * 6, [1, 1, 0, 0, 1, 0], [0, 1, 1, 0, 0, 1], [0, 0, 1, 0, 0, 1]]},
+    {"name": "1", "classes": [1], "mask": [[1] * 6, [1, 1, 0, 0, 1, 0], [0, 1, 1, 0, 0, 1], [0, 0, 1, 0, 0, 1]]},
+    {"name": "7", "classes": [7], "mask": [[1] * 6, [1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0], [0] * 6]},
+    {"name": "even", "classes": [0, 2, 4, 6, 8], "mask": [[1] * 6, [1, 1, 1, 0, 1, 1], [1, 1, 0, 1, 1, 0], [1, 0, 1, 0, 0, 1]]},
+    {"name": "3", "classes": [3], "mask": [[1] * 6] * 4},
+]
+
+
 @pytest.fixture(scope="module")
-def tiny_units(tiny_run, tmp_path_factory):
-    """units_run on tiny_run with the hand-made steering report of the export tests."""
+def quick_run(tmp_path_factory):
+    """A digits run built in seconds: the digits preset's ViT after 60 Adam steps, and an untrained head policy (the
+    units stage needs a policy only for the global model's head mask)."""
+    from steerprune.training.config import TrainConfig, backbone_config_for
+    from steerprune.training.data import load_data
+    from steerprune.training.model import build_vit
+    from steerprune.training.policy import HeadPolicy, PolicyConfig
+    from steerprune.training.run import save_module, write_json
+    from steerprune.training.tensors import to_tensor
+
+    run = tmp_path_factory.mktemp("quick") / "run"
+    run.mkdir()
+    data = load_data("digits", 0.2, 0)
+    bcfg = backbone_config_for(TrainConfig.for_preset("digits"), data)
+    torch.manual_seed(0)
+    vit = build_vit(bcfg)
+    opt = torch.optim.Adam(vit.parameters(), lr=2e-3)
+    x, y = to_tensor(data.train.images, bcfg), torch.as_tensor(data.train.labels, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(vit(x[idx]), y[idx]).backward()
+        opt.step()
+    vit.eval()
+    bcfg.save(run / "backbone.json")
+    save_module(vit, run / "backbone.safetensors")
+    policy = HeadPolicy(PolicyConfig(dim=96, num_heads=6, gated_layers=[1, 2, 3]))
+    policy.save_config(run / "policy.json")
+    save_module(policy, run / "policy.safetensors")
+    write_json(run / "train_config.json", {"data": "digits", "train": {"val_fraction": 0.2, "seed": 0}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_units(quick_run, tmp_path_factory):
+    """units_run on quick_run with a hand-made steering report."""
     from steerprune.steering.units import units_run
-    from tests.conftest import TINY_ROUTES
 
     tmp = tmp_path_factory.mktemp("units")
     report = tmp / "report.json"
-    report.write_text(json.dumps({"routes": TINY_ROUTES, "config": {"tau": 0.5, "aggregate": "vote"}}))
-    cfg = UnitsConfig(eps=0.02, images=64, global_images=256, fractions=[0.25, 0.5, 0.75])
-    out = units_run(tiny_run, cfg, report_path=report, out_dir=tmp / "steering", log=lambda *_: None)
+    report.write_text(json.dumps({"routes": ROUTES, "config": {"tau": 0.5, "aggregate": "vote"}}))
+    cfg = UnitsConfig(eps=0.05, claim_eps=0.05, images=64, global_images=128, global_val=120,
+                      fractions=[0.25, 0.5, 0.75])
+    out = units_run(quick_run, cfg, report_path=report, out_dir=tmp / "steering", log=lambda *_: None)
     return tmp, report, out
 
 
 @pytest.mark.slow
-def test_units_stage_files_and_rule(tiny_units, tiny_run):
+def test_units_stage_files_and_rule(tiny_units):
     tmp, report, out = tiny_units
     saved = json.loads((tmp / "steering" / "units.json").read_text())
     cfg = json.loads((tmp / "steering" / "units_config.json").read_text())
-    assert cfg["eps"] == 0.02 and cfg["selection"] == "val" and cfg["importance_on"] == "train"
+    assert cfg["eps"] == 0.05 and cfg["selection"] == "val" and cfg["importance_on"] == "train"
     assert [r["name"] for r in saved["routes"]] == ["0", "1", "7", "even", "3"]
     for r in saved["routes"]:
         v = r["val"]
         # the rule held on val, and nothing cheaper that also held was passed over
-        assert v["acc"] >= v["reference_acc"] - 0.02 - 1e-9
-        ok = [c for c in v["candidates"] if c[3] >= v["reference_acc"] - 0.02 - 1e-9]
+        assert v["acc"] >= v["reference_acc"] - 0.05 - 1e-9
+        assert v["claim"] <= v["claim_heads_only"] + 0.05 + 1e-9
+        claims = {(sch, cut): c for sch, cut, c in v["claims"]}
+        ok = [c for c in v["candidates"] if c[3] >= v["reference_acc"] - 0.05 - 1e-9
+              and claims.get((c[0], c[1]), 1.0) <= v["claim_heads_only"] + 0.05 + 1e-9]
         assert r["flops_rel"] == pytest.approx(min(c[2] for c in ok), abs=1e-4)
         assert r["flops_rel"] <= r["flops_rel_heads_only"] + 1e-12
         if r["mlp_units"] is None:
             assert r["cut"] == 0.0 and r["scheme"] == "none"
         else:
             assert sum(r["mlp_kept"].values()) == sum(map(len, r["mlp_units"])) < 4 * 192
-    assert saved["summary"]["routes_cut"] >= 1  # digits at eps 2 points: some route can lose units
+    assert saved["summary"]["routes_cut"] >= 1  # at eps 5 points some route can lose units
     g = saved["global"]
     assert g["chosen"]["flops_rel"] <= g["flops_rel_heads_only"] + 1e-12
     assert len(g["matched_heads_mlp"]["test_route_acc"]) == 5
 
 
 @pytest.mark.slow
-def test_export_with_units(tiny_units, tiny_run, tmp_path):
+def test_export_with_units(tiny_units, quick_run, tmp_path):
     from steerprune.export.bundle import export_bundle
     from steerprune.export.manifest import verify_bundle
 
     tmp, report, out = tiny_units
     units_path = tmp / "steering" / "units.json"
-    m = export_bundle(tiny_run, tmp_path / "b", report_path=report, units_path=units_path, cost_batch=None,
+    m = export_bundle(quick_run, tmp_path / "b", report_path=report, units_path=units_path, cost_batch=None,
                       log=lambda *_: None)
     assert m["run"]["units_source"] == f"units:{units_path}"
     chosen = {r["name"]: r for r in out["routes"]}
@@ -146,7 +193,7 @@ def test_export_with_units(tiny_units, tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_units_for_another_mask_refused(tiny_units, tiny_run, tmp_path):
+def test_units_for_another_mask_refused(tiny_units, quick_run, tmp_path):
     from steerprune.training.run import load_run
 
     tmp, report, _ = tiny_units
@@ -156,8 +203,8 @@ def test_units_for_another_mask_refused(tiny_units, tiny_run, tmp_path):
     bad.write_text(json.dumps(d))
     routes = [dict(name="0", classes=[0], mask=json.loads(report.read_text())["routes"][0]["mask"])]
     with pytest.raises(UserError, match="different head mask"):
-        apply_units(load_run(tiny_run), routes, bad)
+        apply_units(load_run(quick_run), routes, bad)
     d["routes"][0]["mlp_units"] = [[999]] * 4
     bad.write_text(json.dumps(d))
     with pytest.raises(UserError, match="unit indices"):
-        apply_units(load_run(tiny_run), routes, bad)
+        apply_units(load_run(quick_run), routes, bad)
