@@ -11,8 +11,8 @@ from .errors import UserError
 __all__ = ["main", "build_parser"]
 
 # Stage modules with `register(subparsers)`; each subparser sets `func(args) -> int`.
-STAGE_CLIS = ("steerprune.training.cli", "steerprune.steering.cli", "steerprune.export.cli", "steerprune.service.cli",
-              "steerprune.loadtest.cli", "steerprune.bench.cli", "steerprune.quickstart")
+STAGE_CLIS = ("steerprune.training.cli", "steerprune.steering.cli", "steerprune.steering.units_cli", "steerprune.export.cli",
+              "steerprune.service.cli", "steerprune.loadtest.cli", "steerprune.bench.cli", "steerprune.quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
