@@ -25,7 +25,7 @@ def run_quickstart(out: Path, log=print) -> tuple[Path, Path]:
     from steerprune.export.bundle import export_bundle
     from steerprune.steering.pipeline import steer_run
     from steerprune.training.pipeline import run_training, summary_table
-    from steerprune.training.train import TrainConfig
+    from steerprune.training.config import TrainConfig
 
     run_dir, bundle_dir = out / "run", out / "bundle"
     log("== 1/4 train (backbone, head policy, SAEs) ==")
