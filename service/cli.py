@@ -20,7 +20,7 @@ from pathlib import Path
 
 from steerprune.errors import UserError
 
-__all__ = ["register", "start_server", "stop_server", "curl_example", "server_env", "free_port", "SERVICE_REF"]
+__all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env", "free_port", "SERVICE_REF"]
 
 SERVICE_REF = "steerprune.service.service:SteerPrune"
 
@@ -157,7 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="cuda: fail readiness unless ONNX Runtime really runs on CUDA (default: auto)")
     p.add_argument("--hint-mode", choices=["verify", "trust"], default="verify")
-    p.add_argument("--min-prob", type=float, default=0.7, help="verify mode: fall back below this top-1 probability")
+    p.add_argument("--acceptance", choices=["route", "global"], default=None,
+                   help="verify mode: route = each route's acceptance rule chosen at export on validation (default); "
+                        "global = one rule for every route, top-1 in the hint and top-1 probability >= --min-prob")
+    p.add_argument("--min-prob", type=float, default=None,
+                   help="verify mode, global rule: fall back below this top-1 probability (default 0.7); giving it "
+                        "selects --acceptance global unless --acceptance says otherwise")
     p.add_argument("--unknown-hint", choices=["error", "full"], default="error")
     p.add_argument("--batcher", choices=["greedy", "bentoml"], default="greedy")
     p.add_argument("--max-batch-size", type=int, default=64)
@@ -170,17 +175,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "503 + Retry-After on arrival, one that did is answered 503 unrun (see docs/overload.md)")
     p.add_argument("--gc-gen2-threshold", type=int, default=1000,
                    help="with --gc-young-ms 0: Python's third GC threshold in the worker (Python's default 10; "
-                        "see README, Service)")
+                        "see docs/serving.md)")
     p.add_argument("--gc-young-ms", type=float, default=20.0,
                    help="collect Python's young generations on this clock in the worker, CPython's automatic "
-                        "collection off (0: CPython's own; see README, Service)")
+                        "collection off (0: CPython's own; see docs/serving.md)")
     p.add_argument("--gc-full-s", type=float, default=600.0,
                    help="full garbage collections on this clock while --gc-young-ms runs")
     p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
     p.add_argument("--inline-ms", type=float, default=1.0,
                    help="run batches expected to take at most this many ms (warm-up timings) on the event loop "
-                        "instead of a thread (0: always a thread; see README, Service)")
+                        "instead of a thread (0: always a thread; see docs/serving.md)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--tracing", action="store_true",
@@ -189,9 +194,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def acceptance_from_flags(acceptance: str | None, min_prob: float | None) -> tuple[str, float]:
+    """`serve`'s --acceptance/--min-prob as ServeConfig fields: a --min-prob of its own asks for the global rule."""
+    from .config import ServeConfig
+
+    default = ServeConfig.__dataclass_fields__["min_prob"].default
+    return acceptance or ("global" if min_prob is not None else "route"), default if min_prob is None else min_prob
+
+
 def _serve(args) -> int:
     bundle = _check_bundle(args.bundle)
-    config = dict(device=args.device, hint_mode=args.hint_mode, min_prob=args.min_prob,
+    acceptance, min_prob = acceptance_from_flags(args.acceptance, args.min_prob)
+    config = dict(device=args.device, hint_mode=args.hint_mode, acceptance=acceptance, min_prob=min_prob,
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
                   threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,

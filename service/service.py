@@ -40,7 +40,7 @@ from steerprune.errors import UserError
 from .batching import ClientGone, Overloaded, make_batcher
 from .config import ENV_PREFIX, ServeConfig
 from .api_schema import docs_app
-from .engine import FULL, Engine, UnknownHint
+from .engine import FALLBACK_REASONS, FULL, Engine, UnknownHint
 from .gc_schedule import GcClock
 from .preprocess import BadImage, decode_image, decode_inline
 
@@ -230,7 +230,7 @@ class SteerPrune:
             "scores": [{"label": eng.classes[int(i)], "index": int(i), "prob": float(probs[i])} for i in order],
             "hint": hint, "route": res.route, "model": res.model,
             "head_usage": model_entry.get("head_usage"), "flops_rel": model_entry.get("flops_rel"),
-            "fallback": res.fallback, "fallback_reason": _REASONS.get(res.fallback_reason),
+            "fallback": res.fallback, "fallback_reason": FALLBACK_REASONS.get(res.fallback_reason),
             "wrong_hint": res.wrong_hint, "bundle_id": self.bundle_id,
         }
         if res.routed_probs is not None:
@@ -311,13 +311,6 @@ class SteerPrune:
             if not 1 <= k <= n:
                 raise ApiError(400, f"top_k must be from 1 to {n}, got {k}")
         return image, hint.strip() if hint else None, k
-
-
-_REASONS = {
-    None: None,
-    "off_route": "the routed model's top-1 class is not one of the hint's classes: answered by the full model",
-    "low_confidence": "the routed model's top-1 probability is below min_prob: answered by the full model",
-}
 
 
 def client_gone(receive) -> bool:
