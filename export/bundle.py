@@ -28,7 +28,7 @@ from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torc
 from .prune import (check_mask, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units, mlp_kept,
                     prune_vit)
 
-__all__ = ["RouteSpec", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
+__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
 
 PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
 N_SAMPLES = 8  # test images stored in samples.npz for `bundle verify`
@@ -36,12 +36,12 @@ N_WRONG = 1000  # most validation images of other classes a route's rule is chec
 FULL_FILE = "models/full.onnx"
 
 
-class RouteSpec(dict):
+class ExportRoute(dict):
     """One hint name's route as export reads it: name, classes, mask (depth x H), acc, off_route_acc (None when not
     known)."""
 
 
-def _routes_from_report(path: Path) -> list[RouteSpec]:
+def _routes_from_report(path: Path) -> list[ExportRoute]:
     from steerprune.training.run import read_json
 
     rep = read_json(path)
@@ -51,12 +51,12 @@ def _routes_from_report(path: Path) -> list[RouteSpec]:
     for i, r in enumerate(rep["routes"]):
         if not isinstance(r, dict) or not {"name", "classes", "mask"} <= set(r):
             raise UserError(f"{path}: routes[{i}] needs name, classes and mask")
-        out.append(RouteSpec(name=str(r["name"]), classes=r["classes"], mask=r["mask"], acc=r.get("acc"),
+        out.append(ExportRoute(name=str(r["name"]), classes=r["classes"], mask=r["mask"], acc=r.get("acc"),
                          off_route_acc=r.get("off_route_acc")))
     return out
 
 
-def _routes_from_masks(path: Path) -> list[RouteSpec]:
+def _routes_from_masks(path: Path) -> list[ExportRoute]:
     from steerprune.training.run import read_json
 
     d = read_json(path)
@@ -66,11 +66,11 @@ def _routes_from_masks(path: Path) -> list[RouteSpec]:
     for name, r in d.items():
         if not isinstance(r, dict) or not {"classes", "mask"} <= set(r):
             raise UserError(f"{path}: route {name!r} needs 'classes' and 'mask'")
-        out.append(RouteSpec(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
+        out.append(ExportRoute(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
     return out
 
 
-def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[RouteSpec], str]:
+def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[ExportRoute], str]:
     """The routes to export and where they came from; masks are checked against the run's backbone."""
     if report_path is not None and masks_path is not None:
         raise UserError("give either --report or --masks, not both")
@@ -249,7 +249,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     choices = _choose_acceptance(routes, distinct, models, sessions, ImageTensors(data.val.images, bcfg),
                                  data.val.labels, eps, wrong_eps, log)
 
-    def route_entry(r: RouteSpec) -> dict:
+    def route_entry(r: ExportRoute) -> dict:
         rel = distinct[mask_key(r["mask"], r["mlp_units"])]["file"]
         m = models[rel]
         on = np.isin(labels, r["classes"])
