@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import _floats
+
 __all__ = ["register"]
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
