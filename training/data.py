@@ -331,26 +331,22 @@ def _load_imagefolder(path: Path, img_size: int | None) -> tuple[Split, Split, l
 def _read_class_dirs(root: Path, names: list[str], img_size: int | None) -> Split:
     from PIL import Image, UnidentifiedImageError
 
+    from .image_cache import _decode
+
     if not names:
         raise UserError(f"{root} has no class folders")
-    images, labels, size, mode = [], [], img_size, None
-    for label, name in enumerate(names):
+    per_class = []
+    for name in names:
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (root / name).is_dir() else []
         if not files:
             raise UserError(f"class folder {root / name} holds no images")
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    if mode is None:  # grayscale folders stay single-channel, everything else becomes RGB
-                        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                        size = size or im.size[0]
-                    im = im.convert(mode)
-                    if im.size != (size, size):
-                        im = im.resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"cannot read image {f}: {e}") from None
-            images.append(arr[..., None] if arr.ndim == 2 else arr)
-            labels.append(label)
-    return Split(np.stack(images), np.asarray(labels, np.int64))
+        per_class.append([str(f) for f in files])
+    try:  # the first image decides: grayscale folders stay single-channel, everything else becomes RGB
+        with Image.open(per_class[0][0]) as im:
+            mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+            size = img_size or im.size[0]
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {per_class[0][0]}: {e}") from None
+    images = np.concatenate([_decode(files, size, mode) for files in per_class])
+    labels = np.concatenate([np.full(len(files), label, np.int64) for label, files in enumerate(per_class)])
+    return Split(images, labels)
