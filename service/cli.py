@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from steerprune.errors import UserError
 __all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env", "free_port", "SERVICE_REF"]
 
 SERVICE_REF = "steerprune.service.service:SteerPrune"
+_OWN_HOME = "STEERPRUNE_OWN_BENTOML_HOME"  # set when server_env made BENTOML_HOME: stop_server removes it
 
 
 def server_env(bundle_dir, base: dict | None = None, **config) -> dict:
@@ -34,6 +36,11 @@ def server_env(bundle_dir, base: dict | None = None, **config) -> dict:
     env = dict(os.environ if base is None else base)
     env.update(cfg.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if not env.get("BENTOML_HOME"):
+        # BentoML empties BENTOML_HOME/prometheus_multiproc_dir when a server starts: servers sharing the default
+        # ~/bentoml wipe each other's /metrics. A server of ours needs nothing else from BENTOML_HOME.
+        env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="steerprune-bentoml-")
+        env[_OWN_HOME] = env["BENTOML_HOME"]
     if not config.get("tracing"):
         # BentoML records an OpenTelemetry span per request even when it samples none (its default), and BentoML's
         # timeout timer keeps each request's span alive for 60 s: without the SDK the digits server answered 13%
@@ -82,6 +89,7 @@ def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout:
         # own process group: stop_server ends BentoML's workers with it
         proc = subprocess.Popen(cmd, env=penv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.bentoml_home = penv.get(_OWN_HOME)  # type: ignore[attr-defined]
     proc.url = f"http://{_url_host(host)}:{port}"  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,17 +103,19 @@ def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout:
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM the server's process group, SIGKILL it if it lingers; remove the BENTOML_HOME server_env made."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
     except ProcessLookupError:
         pass
+    home = getattr(proc, "bentoml_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def curl_example(bundle_dir, host: str = "127.0.0.1", port: int = 3000) -> str:
@@ -168,6 +178,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before an unanswered request gets 504")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="BentoML's traffic.concurrency: concurrent requests a worker is sized for (BentoCloud's "
+                        "autoscaling target; see docs/deployment.md)")
     p.add_argument("--max-queue", type=int, default=512,
                    help="greedy batcher: most queued requests; more get 503 + Retry-After (see docs/overload.md)")
     p.add_argument("--max-wait-ms", type=float, default=1000.0,
@@ -211,12 +224,13 @@ def _serve(args) -> int:
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
                   gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
                   gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
-                  max_wait_ms=args.max_wait_ms)
+                  max_wait_ms=args.max_wait_ms, concurrency=args.concurrency)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "
           f"/metrics)", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc.bentoml_home = env.get(_OWN_HOME)  # type: ignore[attr-defined]
     url = f"http://{_url_host(args.host)}:{args.port}/readyz"
 
     def on_term(*_):  # `docker stop` sends SIGTERM to PID 1: stop BentoML's process group with us
@@ -232,8 +246,10 @@ def _serve(args) -> int:
             time.sleep(0.25)
         if proc.poll() is None:
             print(f"ready: {curl_example(bundle, args.host, args.port)}", flush=True)
-        return proc.wait()
+        proc.wait()
+        return proc.returncode
     except KeyboardInterrupt:
-        stop_server(proc)
         return 130
+    finally:
+        stop_server(proc)
 

@@ -71,6 +71,10 @@ class ServeConfig:
     period."""
     request_timeout_s: float = 60.0
     """BentoML's traffic timeout: a request still unanswered after this long gets 504."""
+    concurrency: int = 8
+    """BentoML's `traffic.concurrency`: the concurrent requests one worker is sized for. BentoCloud's autoscaler adds
+    replicas to keep each near it; a plain `bentoml serve` only records it. The CIFAR-10 bundle's worker (1 ONNX
+    Runtime thread) is near saturation at 16 concurrent requests, so 8 keeps replicas near half load."""
     max_queue: int = 512
     """greedy batcher: most requests waiting for a batch; a request arriving at a full queue gets 503 with
     Retry-After before its body is read."""
@@ -119,6 +123,8 @@ class ServeConfig:
             raise UserError(f"max_queue must be at least 1, got {self.max_queue}")
         if not 1.0 <= self.max_wait_ms <= 600_000.0:
             raise UserError(f"max_wait_ms must be in [1, 600000], got {self.max_wait_ms}")
+        if self.concurrency < 1:
+            raise UserError(f"concurrency must be >= 1, got {self.concurrency}")
         if not self.request_timeout_s > 0:
             raise UserError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not 0.0 <= self.inline_ms <= 1000.0:

@@ -44,7 +44,7 @@ from .engine import FALLBACK_REASONS, FULL, Engine, UnknownHint
 from .gc_schedule import GcClock
 from .preprocess import BadImage, decode_image, decode_inline
 
-__all__ = ["SteerPrune", "app", "client_gone"]
+__all__ = ["SteerPrune", "AdmissionMiddleware", "app", "client_gone"]
 
 log = logging.getLogger("steerprune.service")
 if not log.handlers:  # BentoML configures only its own loggers; start-up and CUDA problems must be visible
@@ -108,7 +108,8 @@ class _TooLarge(Exception):
 @bentoml.service(
     name="steerprune",
     workers=int(os.environ.get(ENV_PREFIX + "WORKERS", "1")),
-    traffic={"timeout": float(os.environ.get(ENV_PREFIX + "REQUEST_TIMEOUT_S", "60"))},
+    traffic={"timeout": float(os.environ.get(ENV_PREFIX + "REQUEST_TIMEOUT_S", "60")),
+             "concurrency": int(os.environ.get(ENV_PREFIX + "CONCURRENCY", "8"))},
     # access lines cost ~8% of the server's CPU per request here; STEERPRUNE_ACCESS_LOG=1 turns them on
     logging={"access": {"enabled": os.environ.get(ENV_PREFIX + "ACCESS_LOG", "0") == "1"}},
 )
@@ -189,11 +190,8 @@ class SteerPrune:
     # ------------------------------------------------------------------------------------------ handlers
 
     async def classify(self, request: Request) -> dict:
-        arrived = time.monotonic()
-        with self.batcher.admit():  # a full worker refuses before the body is read: a 503 costs little under overload
-            return await self._classify(request, arrived)
-
-    async def _classify(self, request: Request, arrived: float) -> dict:
+        """Answer one /classify request (AdmissionMiddleware has admitted it and counts it until it is answered)."""
+        arrived = request.scope.get("state", {}).get("steerprune_arrived") or time.monotonic()
         try:
             image, hint, top_k = await self._read_form(request)
         except ClientDisconnect:  # left while its upload waited to be read
@@ -223,7 +221,7 @@ class SteerPrune:
         eng = self.engine
         probs = res.probs
         order = np.argsort(-probs, kind="stable")[:top_k]
-        idx = int(order[0])
+        idx = res.index  # order[0], except under a route-probability rule: the hint's most probable class
         model_entry = eng.routes[FULL].entry if res.fallback else eng.routes[res.route].entry
         out = {
             "label": eng.classes[idx], "index": idx, "prob": float(probs[idx]),
@@ -352,6 +350,35 @@ def _overloaded(e: Overloaded) -> JSONResponse:
                   retry_after_s=e.retry_after_s, queued=e.queued, queued_ms=round(e.queued_ms, 1))
 
 
+class AdmissionMiddleware:
+    """ASGI middleware in front of BentoML's routing: POST /classify is admitted by the batcher (`admit()`, counted
+    against `max_queue` until its answer is sent) or refused with 503 + Retry-After before anything else runs.
+
+    A refusal here skips BentoML's router, the mounted app's own middleware stack and the endpoint; it still pays
+    for the HTTP parsing and the BentoML middlewares listed before user middlewares (metrics, tracing, timeout).
+    """
+
+    def __init__(self, app, path: str = "/classify") -> None:
+        self.app, self.path = app, path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            svc = bentoml.get_current_service()
+        except Exception:  # noqa: BLE001 - before the instance exists: the endpoint answers 'starting'
+            return await self.app(scope, receive, send)
+        if not svc.ready:  # the endpoint answers 'warming_up'
+            return await self.app(scope, receive, send)
+        try:
+            ticket = svc.batcher.admit()
+        except Overloaded as e:
+            return await _overloaded(e)(scope, receive, send)
+        scope.setdefault("state", {})["steerprune_arrived"] = time.monotonic()
+        with ticket:
+            await self.app(scope, receive, send)
+
+
 async def classify_endpoint(request: Request):
     t0 = time.perf_counter()
     try:
@@ -401,6 +428,7 @@ app = Starlette(routes=[
     HttpRoute("/classify", classify_endpoint, methods=["POST"]),
     HttpRoute("/routes", routes_endpoint, methods=["GET"]),
 ])
+SteerPrune.add_asgi_middleware(AdmissionMiddleware)
 SteerPrune.mount_asgi_app(app, path="/")  # handlers find the instance with bentoml.get_current_service()
 # the same two endpoints for /docs.json only (api_schema.py): mounted second, it never receives a request
 SteerPrune.mount_asgi_app(docs_app(classify_endpoint, routes_endpoint), path="/", name="openapi")

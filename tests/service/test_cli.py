@@ -1,9 +1,15 @@
 """`steerprune serve` flags -> ServeConfig fields (no server started)."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
-from steerprune.service.cli import acceptance_from_flags, server_env
+from steerprune.errors import UserError
+from steerprune.service.cli import acceptance_from_flags, server_env, stop_server
 from steerprune.service.config import ENV_PREFIX, ServeConfig
 from steerprune.service.engine import FALLBACK_REASONS
 
@@ -24,6 +30,7 @@ def test_explicit_acceptance_wins():
 def test_flags_reach_the_worker_environment(tmp_path):
     acceptance, min_prob = acceptance_from_flags(None, 0.85)
     env = server_env(tmp_path, base={}, acceptance=acceptance, min_prob=min_prob)
+    shutil.rmtree(env["BENTOML_HOME"], ignore_errors=True)
     cfg = ServeConfig.from_env(env)
     assert (cfg.acceptance, cfg.min_prob) == ("global", 0.85)
     assert env[ENV_PREFIX + "ACCEPTANCE"] == "global"
@@ -32,3 +39,37 @@ def test_flags_reach_the_worker_environment(tmp_path):
 @pytest.mark.parametrize("reason", ["off_route", "low_confidence", "not_served"])
 def test_every_fallback_reason_has_a_sentence(reason):
     assert FALLBACK_REASONS[reason].endswith("full model")
+
+
+def test_each_server_gets_its_own_bentoml_home(tmp_path):
+    # BentoML empties BENTOML_HOME/prometheus_multiproc_dir at start-up: a shared home wipes another server's /metrics
+    a, b = server_env(tmp_path, base={}), server_env(tmp_path, base={})
+    assert a["BENTOML_HOME"] != b["BENTOML_HOME"]
+    try:
+        assert os.path.isdir(a["BENTOML_HOME"]) and os.path.isdir(b["BENTOML_HOME"])
+    finally:
+        for env in (a, b):
+            shutil.rmtree(env["BENTOML_HOME"], ignore_errors=True)
+
+
+def test_a_users_bentoml_home_is_kept(tmp_path):
+    env = server_env(tmp_path, base={"BENTOML_HOME": str(tmp_path / "mine")})
+    assert env["BENTOML_HOME"] == str(tmp_path / "mine")
+    assert "STEERPRUNE_OWN_BENTOML_HOME" not in env
+
+
+def test_stop_server_removes_the_home_it_made(tmp_path):
+    env = server_env(tmp_path, base={})
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    proc.bentoml_home = env["STEERPRUNE_OWN_BENTOML_HOME"]
+    stop_server(proc, timeout=5)
+    assert proc.returncode is not None
+    assert not os.path.exists(env["BENTOML_HOME"])
+
+
+def test_concurrency_reaches_the_worker_and_is_validated(tmp_path):
+    env = server_env(tmp_path, base={}, concurrency=4)
+    shutil.rmtree(env["BENTOML_HOME"], ignore_errors=True)
+    assert ServeConfig.from_env(env).concurrency == 4
+    with pytest.raises(UserError, match="concurrency must be >= 1"):
+        ServeConfig(bundle=str(tmp_path), concurrency=0)
