@@ -1,16 +1,21 @@
 """Acceptance of routed answers: the rule a route's answer must pass in verify mode, chosen per route on validation.
 
-A routed answer is accepted when its top-1 class is one of the route's classes (always required: it is what catches
-a wrong hint) and the rule's thresholds hold: top-1 probability >= `min_prob` and top-1 minus top-2 probability
->= `min_margin`. Anything else is rerun on the full model. The expected cost of a request with the right hint is
+Two families of rules. A top-1 rule accepts a routed answer when its top-1 class is one of the route's classes and
+its thresholds hold: top-1 probability >= `min_prob` and top-1 minus top-2 probability >= `min_margin`. A
+route-probability rule accepts when the route's classes together hold at least `min_route_prob` of the routed
+model's probability, whether or not one of them is its top-1, and answers with the most probable of them: it
+weighs the hint as evidence, so it only stands when the wrong-hint bound below holds with it (a wrong hint it
+accepts is answered wrongly). Anything not accepted is rerun on the full model. The expected cost of a request with
+the right hint is
 
     cost = flops_rel(route) + fallback_rate * 1        (relative to the full model's FLOPs)
 
 and `choose_rule` picks, on the route's validation images, the rule of lowest cost whose accuracy with fallbacks
 stays within `eps` of the full model's on the same images and, given wrong-hint images (validation images of other
-classes sent with this route's hint), within `wrong_eps` of the full model's on those. Candidates are exact: every value at which the accepted
-set changes, for a confidence-only and a margin-only rule. Pure numpy, torch-free: the service applies the rule
-with `accepted`, the export chooses it with `choose_rule`.
+classes sent with this route's hint), within `wrong_eps` of the full model's on those. Candidates are exact: every
+value at which the accepted set changes, for a confidence-only, a margin-only and (given wrong-hint images) a
+route-probability rule. Pure numpy, torch-free: the service applies the rule with `accepted` and `answer_index`,
+the export chooses it with `choose_rule`.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["EPS", "WRONG_EPS", "AcceptRule", "RuleScore", "WrongHints", "Choice", "softmax", "top2", "accepted", "score_rule",
-           "choose_rule"]
+__all__ = ["EPS", "WRONG_EPS", "AcceptRule", "RuleScore", "WrongHints", "Choice", "softmax", "top2", "accepted",
+           "answer_index", "score_rule", "choose_rule"]
 
 EPS = 0.005  # default allowed accuracy loss against the full model on the route's validation images (0.5 point)
 # default allowed loss on wrong-hint images: 5 points there is 1 point of the load test's default mix (20% wrong hints)
@@ -27,16 +32,27 @@ WRONG_EPS = 0.05
 
 
 class AcceptRule(NamedTuple):
-    """Thresholds on the routed model's softmax; top-1 inside the route's classes is required on top of them."""
+    """Thresholds on the routed model's softmax. Without `min_route_prob`: top-1 inside the route's classes is
+    required on top of `min_prob` and `min_margin`. With it: the route's classes must hold that much probability
+    together, and top-1 may lie anywhere."""
     min_prob: float = 0.0  # top-1 probability must be >= this
     min_margin: float = 0.0  # top-1 minus top-2 probability must be >= this
+    min_route_prob: Optional[float] = None  # the route's classes' total probability must be >= this
+
+    @property
+    def top1_in_route(self) -> bool:
+        return self.min_route_prob is None
 
     def to_json(self) -> dict:
-        return {"min_prob": float(self.min_prob), "min_margin": float(self.min_margin), "top1_in_route": True}
+        out = {"min_prob": float(self.min_prob), "min_margin": float(self.min_margin), "top1_in_route": self.top1_in_route}
+        if self.min_route_prob is not None:
+            out["min_route_prob"] = float(self.min_route_prob)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "AcceptRule":
-        return cls(float(d.get("min_prob", 0.0)), float(d.get("min_margin", 0.0)))
+        mrp = d.get("min_route_prob")
+        return cls(float(d.get("min_prob", 0.0)), float(d.get("min_margin", 0.0)), None if mrp is None else float(mrp))
 
 
 class RuleScore(NamedTuple):
@@ -53,7 +69,7 @@ class WrongHints(NamedTuple):
 
 class Choice(NamedTuple):
     rule: AcceptRule
-    kind: str  # 'confidence' | 'margin': which threshold the search moved
+    kind: str  # 'confidence' | 'margin' | 'route_prob': which threshold the search moved
     score: RuleScore
     full_acc: float  # the full model's accuracy on the same images
     off_route: float  # share whose routed top-1 lies outside the route (a fallback under every rule)
@@ -78,17 +94,34 @@ def top2(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return probs.argmax(1), part[:, 1], part[:, 1] - part[:, 0]
 
 
+def route_prob(probs: np.ndarray, classes) -> np.ndarray:
+    """(N, C) softmax -> (N,) total probability of the route's classes."""
+    return probs[:, np.asarray(list(classes))].sum(1)
+
+
 def accepted(probs: np.ndarray, classes: Sequence[int] | np.ndarray, rule: AcceptRule) -> np.ndarray:
     """probs (N, C) softmax of the routed model -> (N,) bool: the routed answer stands (no rerun on the full model)."""
     top, p1, margin = top2(probs)
-    return np.isin(top, np.asarray(list(classes))) & (p1 >= rule.min_prob) & (margin >= rule.min_margin)
+    ok = (p1 >= rule.min_prob) & (margin >= rule.min_margin)
+    if rule.min_route_prob is not None:
+        return ok & (route_prob(probs, classes) >= rule.min_route_prob)
+    return ok & np.isin(top, np.asarray(list(classes)))
+
+
+def answer_index(probs: np.ndarray, classes, rule: AcceptRule) -> np.ndarray:
+    """(N, C) softmax of the routed model -> (N,) the class an accepted routed answer gives: its top-1 under a top-1
+    rule (which lies in the route), the most probable of the route's classes under a route-probability rule."""
+    if rule.min_route_prob is None:
+        return probs.argmax(1)
+    cls = np.asarray(sorted(classes))
+    return cls[probs[:, cls].argmax(1)]
 
 
 def score_rule(routed_probs: np.ndarray, full_pred: np.ndarray, labels: np.ndarray, classes, rule: AcceptRule,
                flops_rel: float) -> RuleScore:
     """Accuracy, fallback rate and expected cost of `rule` on these images (right hints: labels in `classes`)."""
     ok = accepted(routed_probs, classes, rule)
-    pred = np.where(ok, routed_probs.argmax(1), full_pred)
+    pred = np.where(ok, answer_index(routed_probs, classes, rule), full_pred)
     fb = float(1.0 - ok.mean()) if len(ok) else 0.0
     return RuleScore(float((pred == labels).mean()) if len(labels) else 0.0, fb, float(flops_rel) + fb)
 
@@ -139,7 +172,7 @@ def choose_rule(routed_probs: np.ndarray, full_pred: np.ndarray, labels: np.ndar
     images of other classes sent with this route's hint, the rule must also keep their accuracy (all from the full
     model: an accepted answer there is wrong) >= the full model's - wrong_eps. The rule accepting nothing always
     meets both constraints (it answers exactly like the full model), so a choice always exists; it is
-    `served=False` when its cost is >= 1.
+    `served=False` when its cost is >= 1. The route-probability family is searched only when `wrong` is given.
     """
     if not 0 <= eps < 1 or not 0 <= wrong_eps <= 1:
         raise ValueError(f"eps must be in [0, 1) and wrong_eps in [0, 1], got {eps}, {wrong_eps}")
@@ -154,15 +187,25 @@ def choose_rule(routed_probs: np.ndarray, full_pred: np.ndarray, labels: np.ndar
     routed_ok, full_ok = top == labels, np.asarray(full_pred) == labels
     full_acc = float(full_ok.mean())
     w = None
+    kinds = [("confidence", p1, in_route, routed_ok), ("margin", margin, in_route, routed_ok)]
     if wrong is not None and len(wrong[2]):
         w_top, w_p1, w_margin = top2(wrong[0])
         w_full_ok = np.asarray(wrong[1]) == np.asarray(wrong[2])
-        w = (np.isin(w_top, cls), w_full_ok, float(w_full_ok.mean()) - wrong_eps, (w_p1, w_margin))
+        w = (np.isin(w_top, cls), w_full_ok, float(w_full_ok.mean()) - wrong_eps,
+             (w_p1, w_margin, route_prob(wrong[0], cls)))
+        # the route-probability rule needs the wrong-hint bound: without it, accepting everything would look free
+        everywhere = np.ones(n, bool)
+        kinds.append(("route_prob", route_prob(routed_probs, cls), everywhere,
+                      answer_index(routed_probs, cls, AcceptRule(min_route_prob=0.0)) == labels))
     picks = []
-    for j, (kind, values) in enumerate((("confidence", p1), ("margin", margin))):
-        wt = None if w is None else (w[3][j].astype(np.float64), w[0], w[1], w[2])
-        t, fb, acc, w_acc = _best_threshold(values.astype(np.float64), in_route, routed_ok, full_ok, full_acc - eps, wt)
-        rule = AcceptRule(t, 0.0) if kind == "confidence" else AcceptRule(0.0, t)
+    for j, (kind, values, kind_in, kind_ok) in enumerate(kinds):
+        wt = None
+        if w is not None:
+            w_in = w[0] if kind != "route_prob" else np.ones(len(w[1]), bool)
+            wt = (w[3][j].astype(np.float64), w_in, w[1], w[2])
+        t, fb, acc, w_acc = _best_threshold(values.astype(np.float64), kind_in, kind_ok, full_ok, full_acc - eps, wt)
+        rule = {"confidence": AcceptRule(t, 0.0), "margin": AcceptRule(0.0, t),
+                "route_prob": AcceptRule(0.0, 0.0, t)}[kind]
         picks.append((fb, -acc, j, kind, rule, w_acc))
     fb, neg_acc, _, kind, rule, w_acc = min(picks)
     score = RuleScore(-neg_acc, fb, float(flops_rel) + fb)

@@ -331,8 +331,10 @@ def _choose_acceptance(routes, distinct, models, sessions, val_x, val_labels: np
                                   "off_route": c.off_route, "cost": c.score.cost},
                           "val_wrong_hints": None if c.wrong is None else c.wrong._asdict()}
         wr = "" if c.wrong is None else f"; wrong hints acc {c.wrong.acc:.4f} (full {c.wrong.full_acc:.4f})"
+        what = (f"accept top-1 in route, p >= {c.rule.min_prob:.3f}, margin >= {c.rule.min_margin:.3f}"
+                if c.rule.top1_in_route else f"accept the route's classes at total p >= {c.rule.min_route_prob:.3f}")
         log(f"route {r['name']!r}: " + (
-            f"accept top-1 in route, p >= {c.rule.min_prob:.3f}, margin >= {c.rule.min_margin:.3f}: val acc "
+            f"{what}: val acc "
             f"{c.score.acc:.4f} (full {c.full_acc:.4f}), fallback {c.score.fallback:.3f}, expected cost "
             f"{c.score.cost:.3f}{wr}" if c.served else f"NOT SERVED (its hint goes to the full model): {c.reason}"))
     return out

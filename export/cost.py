@@ -75,7 +75,7 @@ def _flops(engine, r) -> float:
 
 
 def _pred(results) -> np.ndarray:
-    return np.array([int(r.probs.argmax()) for r in results], np.int64)
+    return np.array([r.index for r in results], np.int64)
 
 
 def _summary(hinted, plain, labels: np.ndarray, times: dict, engine) -> dict:

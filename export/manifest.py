@@ -4,7 +4,7 @@ The service imports this module to load a bundle, so it must never import torch.
 (a `UserError`) with a one-line message naming the file or key that is wrong.
 
 Schema 2 adds each route's acceptance rule, chosen at export on the validation split (export/acceptance.py):
-`routes[name].acceptance` = {served, reason, kind, rule: {min_prob, min_margin, top1_in_route}, val: {n, acc,
+`routes[name].acceptance` = {served, reason, kind, rule: {min_prob, min_margin, top1_in_route[, min_route_prob]}, val: {n, acc,
 full_acc, fallback, off_route, cost}}, and a top-level `acceptance` = {split, eps, n}. A schema-1 bundle has
 neither: the service applies one global rule to every route of it.
 
@@ -110,9 +110,11 @@ def _check_acceptance(a: Any, where: str) -> None:
     if not a["served"] and not (isinstance(a["reason"], str) and a["reason"]):
         _fail(f"manifest {where}.reason must say why the route is not served")
     _need(a["rule"], ("min_prob", "min_margin"), f"{where}.rule")
-    for k in ("min_prob", "min_margin"):
-        if not _number(a["rule"][k], 0.0, 1.0 + 1e-6):  # just above 1 only in a rule that accepts nothing
+    for k in ("min_prob", "min_margin", "min_route_prob"):
+        if k in a["rule"] and not _number(a["rule"][k], 0.0, 1.0 + 1e-6):  # just above 1: a rule accepting nothing
             _fail(f"manifest {where}.rule.{k} must be a number in [0, 1]")
+    if a["rule"].get("top1_in_route", True) is not ("min_route_prob" not in a["rule"]):
+        _fail(f"manifest {where}.rule: top1_in_route must be false exactly when min_route_prob is given")
     _need(a["val"], ("n", "acc", "full_acc", "fallback", "cost"), f"{where}.val")
     for k in ("acc", "full_acc", "fallback"):
         if not _number(a["val"][k], 0.0, 1.0):

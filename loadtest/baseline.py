@@ -60,7 +60,7 @@ def baseline_report(bundle: str, pngs: list[bytes], plan: list[Planned], samples
     base = inprocess_baseline(bundle, x, plan[:used], threads=threads, hint_mode=listing.get("hint_mode", "verify"),
                               min_prob=listing.get("min_prob", 0.7), acceptance=listing.get("acceptance", "route"))
     full_correct = [int(base["full_pred"][plan[s.planned].image]) == int(labels[plan[s.planned].image]) for s in ok]
-    mism = [s.planned for s in ok if s.answer["index"] != int(base["answers"][s.planned].probs.argmax())
+    mism = [s.planned for s in ok if s.answer["index"] != base["answers"][s.planned].index
             or s.answer["fallback"] != base["answers"][s.planned].fallback]
     out: dict = {"inprocess": {
         "models": base["models"], "threads": base["threads"],

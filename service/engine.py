@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from steerprune.errors import UserError
-from steerprune.export.acceptance import AcceptRule, accepted, softmax
+from steerprune.export.acceptance import AcceptRule, accepted, answer_index, softmax
 from steerprune.export.runtime import cuda_built, gpu_visible, ort_session
 
 from .config import ServeConfig
@@ -35,8 +35,8 @@ FULL = "full"  # the route name of the unpruned model (also what a request witho
 
 FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
     "off_route": "the routed model's top-1 class is not one of the hint's classes: answered by the full model",
-    "low_confidence": "the routed answer fails the route's acceptance rule (top-1 probability or margin too low): "
-                      "answered by the full model",
+    "low_confidence": "the routed answer fails the route's acceptance rule (top-1 probability, margin or the "
+                      "hint's total probability too low): answered by the full model",
     "not_served": "export found this route no cheaper than the full model once its fallbacks are counted: "
                   "its hints go to the full model",
 }
@@ -64,6 +64,7 @@ class Result(NamedTuple):
     fallback_reason: Optional[str]  # a FALLBACK_REASONS key ('off_route' | 'low_confidence' | 'not_served') | None
     wrong_hint: bool  # the full model's answer lies outside the hint's classes
     routed_probs: Optional[np.ndarray]  # (C,) the routed model's softmax when it was overruled
+    index: int  # the answer's class: top-1 of probs, or under a route-probability rule the route's most probable class
 
 
 class Engine:
@@ -176,6 +177,7 @@ class Engine:
             probs[idx] = softmax(self.logits(model, x[idx] if len(idx) < n else x))
 
         reasons: list[Optional[str]] = [None] * n
+        index = probs.argmax(1)
         redo = []
         if self.cfg.hint_mode == "verify":
             by_route: dict[str, list[int]] = {}
@@ -189,20 +191,24 @@ class Engine:
             for r, idx in by_route.items():
                 route = self.routes[r]
                 ok = accepted(probs[idx], sorted(route.classes), route.rule)
+                if not route.rule.top1_in_route:
+                    index[idx] = answer_index(probs[idx], route.classes, route.rule)
                 for i, good in zip(idx, ok):
                     if not good:
-                        reasons[i] = "off_route" if int(probs[i].argmax()) not in route.classes else "low_confidence"
+                        off = route.rule.top1_in_route and int(probs[i].argmax()) not in route.classes
+                        reasons[i] = "off_route" if off else "low_confidence"
                         redo.append(i)
             redo.sort()
         routed = {}
         if redo:
             routed = {i: probs[i].copy() for i in redo}
             probs[redo] = softmax(self.logits(self.full_model, x[redo]))
+            index[redo] = probs[redo].argmax(1)
             for i in redo:
                 answered_by[i] = self.full_model
         return [Result(probs[i], r, answered_by[i], reasons[i] is not None, reasons[i],
                        reasons[i] is not None and int(probs[i].argmax()) not in self.routes[r].classes,
-                       routed.get(i)) for i, r in enumerate(routes)]
+                       routed.get(i), int(index[i])) for i, r in enumerate(routes)]
 
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
         """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken.

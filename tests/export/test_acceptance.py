@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steerprune.export.acceptance import AcceptRule, accepted, choose_rule, score_rule, softmax, top2
+from steerprune.export.acceptance import (AcceptRule, accepted, answer_index, choose_rule, route_prob, score_rule,
+                                          softmax, top2)
 
 
 def _probs(top: list[int], p1: list[float], c: int = 3) -> np.ndarray:
@@ -103,7 +104,14 @@ def test_choice_equals_brute_force_and_meets_eps(seed):
                for t in np.concatenate([[0.0], p1, w_p1, [1.01]]) if feasible(AcceptRule(t, 0.0)))
     best_m = min(score_rule(routed, full, labels, classes, AcceptRule(0.0, t), 0.6).fallback
                  for t in np.concatenate([[0.0], margin, w_margin, [1.01]]) if feasible(AcceptRule(0.0, t)))
-    assert got.score.fallback == pytest.approx(min(best, best_m))  # and nothing in either family is cheaper
+    best_r = 1.0
+    if wrong is not None:  # the route-probability family is searched only with the wrong-hint bound
+        best_r = min(score_rule(routed, full, labels, classes, AcceptRule(0.0, 0.0, t), 0.6).fallback
+                     for t in np.concatenate([[0.0], route_prob(routed, classes), route_prob(w_routed, classes),
+                                              [1.01]]) if feasible(AcceptRule(0.0, 0.0, t)))
+    else:
+        assert got.kind != "route_prob"
+    assert got.score.fallback == pytest.approx(min(best, best_m, best_r))  # and nothing in any family is cheaper
     assert feasible(got.rule)
     if wrong is not None:
         assert got.wrong.acc == pytest.approx(score_rule(w_routed, w_full, w_labels, classes, got.rule, 0.6).acc)
@@ -118,3 +126,35 @@ def test_accepted_requires_top1_in_route():
     assert AcceptRule.from_json(AcceptRule(0.25, 0.1).to_json()) == AcceptRule(0.25, 0.1)
     with pytest.raises(ValueError, match="eps"):
         choose_rule(ROUTED, FULL, LABELS, [0, 1], 0.5, eps=1.5)
+
+
+def test_route_probability_rule_accepts_the_hint_without_top1_and_answers_inside_the_route():
+    probs = np.array([[0.30, 0.25, 0.45], [0.05, 0.05, 0.90], [0.50, 0.40, 0.10]])
+    rule = AcceptRule(min_route_prob=0.5)
+    assert not rule.top1_in_route
+    assert accepted(probs, [0, 1], rule).tolist() == [True, False, True]  # 0.55, 0.10, 0.90 in the route
+    assert answer_index(probs, [0, 1], rule).tolist() == [0, 0, 0]
+    assert answer_index(probs, [1], rule).tolist() == [1, 1, 1]
+    assert answer_index(probs, [0, 1], AcceptRule()).tolist() == [2, 2, 0]  # top-1 rules answer their top-1
+    assert AcceptRule.from_json(rule.to_json()) == rule and rule.to_json()["top1_in_route"] is False
+    assert "min_route_prob" not in AcceptRule(0.2).to_json()
+
+
+def test_route_probability_rule_is_held_by_the_wrong_hint_bound():
+    # one-class route {0}: right-hint images often put the route class second; wrong-hint images rarely give it much
+    rng = np.random.default_rng(0)
+    n, c = 400, 4
+    labels = np.zeros(n, int)
+    logits = rng.normal(size=(n, c)) + np.eye(c)[labels] * 1.2
+    routed = softmax(logits.astype(np.float32))
+    full = np.where(rng.uniform(size=n) < 0.7, labels, 1)
+    w_labels = rng.integers(1, c, n)
+    w_routed = softmax((rng.normal(size=(n, c)) + 2.0 * np.eye(c)[w_labels]).astype(np.float32))
+    w_full = np.where(rng.uniform(size=n) < 0.75, w_labels, 0)
+    top1 = choose_rule(routed, full, labels, [0], 0.5)
+    both = choose_rule(routed, full, labels, [0], 0.5, wrong=(w_routed, w_full, w_labels), wrong_eps=0.05)
+    assert both.kind == "route_prob" and both.score.cost < top1.score.cost
+    w_acc = score_rule(w_routed, w_full, w_labels, [0], both.rule, 0.5).acc
+    assert w_acc >= (w_full == w_labels).mean() - 0.05 - 1e-12 and both.wrong.acc == pytest.approx(w_acc)
+    strict = choose_rule(routed, full, labels, [0], 0.5, wrong=(w_routed, w_full, w_labels), wrong_eps=0.0)
+    assert strict.score.fallback >= both.score.fallback  # a tighter bound accepts no more

@@ -117,7 +117,8 @@ def test_acceptance_rules_chosen_on_val(tiny_run, tiny_bundle, manifest):
         assert a["val"]["full_acc"] == pytest.approx(float((full_pred[on] == val.labels[on]).mean()))
         assert a["val"]["n"] == int(on.sum()) and a["val"]["acc"] >= a["val"]["full_acc"] - EPS - 1e-9
         assert a["served"] == (got.cost < 1.0) and (a["reason"] is None) == a["served"]
-        assert a["rule"]["top1_in_route"] is True and a["kind"] in ("confidence", "margin")
+        assert a["kind"] in ("confidence", "margin", "route_prob")
+        assert a["rule"]["top1_in_route"] is (a["kind"] != "route_prob")
         w = a["val_wrong_hints"]  # images of other classes with this hint (a seeded draw of at most 1000)
         assert w["n"] == min(1000, int((~on).sum())) and w["acc"] >= w["full_acc"] - WRONG_EPS - 1e-9
     assert manifest["routes"]["3"]["acceptance"]["served"] is False  # keeps every head: never cheaper

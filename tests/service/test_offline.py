@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from steerprune.errors import UserError
-from steerprune.export.acceptance import AcceptRule, accepted
+from steerprune.export.acceptance import AcceptRule, accepted, answer_index
 from steerprune.service.config import ServeConfig
 from steerprune.service.engine import FULL, Engine, UnknownHint, softmax
 from steerprune.service.preprocess import BadImage, decode_image, normalize
@@ -154,11 +154,15 @@ def test_verify_mode_applies_each_routes_rule_and_skips_unserved_routes(engine, 
         routed = softmax(engine.logits(r.model, x))
         ok = accepted(routed, sorted(r.classes), r.rule)
         assert [not o.fallback for o in res] == ok.tolist(), name
+        answer = answer_index(routed, r.classes, r.rule)
         for i, o in enumerate(res):
             np.testing.assert_allclose(o.probs, routed[i] if ok[i] else full[i], atol=1e-5)
-            if not ok[i]:
-                assert o.fallback_reason == ("off_route" if int(routed[i].argmax()) not in r.classes
-                                             else "low_confidence")
+            assert o.index == (int(answer[i]) if ok[i] else int(full[i].argmax()))
+            if ok[i]:
+                assert o.index in r.classes
+            else:
+                off = r.rule.top1_in_route and int(routed[i].argmax()) not in r.classes
+                assert o.fallback_reason == ("off_route" if off else "low_confidence")
     # route "3" keeps every head: it can never be cheaper than the full model
     assert not engine.routes["3"].served and "cheaper" in m["routes"]["3"]["acceptance"]["reason"]
     listing = engine.describe()
@@ -187,6 +191,33 @@ def test_engine_reads_thresholds_from_the_manifest(tiny_bundle, tmp_path, digits
     want = np.isin(top, [0, 2, 4, 6, 8]) & (p[:, -1] >= 0.9) & (p[:, -1] - p[:, -2] >= 0.85)
     assert [not o.fallback for o in eng.run(x, ["even"] * len(x))] == want.tolist()
     assert 0 < want.sum() < len(x)
+
+
+def test_engine_applies_a_route_probability_rule(tiny_bundle, tmp_path, digits_test):
+    """min_route_prob: accepted when the hint's classes hold that much probability, answered inside the route."""
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["routes"]["even"]["acceptance"].update(served=True, reason=None, kind="route_prob",
+                                             rule={"min_prob": 0.0, "min_margin": 0.0, "top1_in_route": False,
+                                                   "min_route_prob": 0.3})
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    eng = Engine(ServeConfig(bundle=str(bundle), verify=False))
+    assert eng.routes["even"].rule == AcceptRule(0.0, 0.0, 0.3)
+    x = normalize(digits_test.images[:80], eng.spec)
+    routed = softmax(eng.logits(eng.routes["even"].model, x))
+    full = softmax(eng.logits(eng.full_model, x))
+    even = [0, 2, 4, 6, 8]
+    want = routed[:, even].sum(1) >= 0.3
+    res = eng.run(x, ["even"] * len(x))
+    assert [not o.fallback for o in res] == want.tolist() and 0 < want.sum() < len(x)
+    for i, o in enumerate(res):
+        expect = even[int(routed[i, even].argmax())] if want[i] else int(full[i].argmax())
+        assert o.index == expect
+        if not want[i]:
+            assert o.fallback_reason == "low_confidence"
 
 
 def test_schema_1_bundle_gets_the_global_rule(tiny_bundle, tmp_path):
