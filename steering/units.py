@@ -71,6 +71,15 @@ class UnitsConfig:
     search: str = "all"
     """'all' scores every candidate on val (full curves, per-scheme bests); 'cheapest-first' scores them in order of
     increasing FLOPs and stops at the first that passes the rule: the same choice for far fewer forwards."""
+    select: str = "accuracy"
+    """'accuracy': the rule above (fewest FLOPs within eps and claim_eps). 'cost': the candidate of lowest expected
+    cost per right-hint request (FLOPs + fallback rate) under the acceptance rule export would choose for it
+    (export/acceptance.py, with accept_eps and accept_wrong_eps, on the route's val images and `off_images` wrong-hint
+    images); eps and claim_eps then play no part: the acceptance rule's own bounds replace them."""
+    accept_eps: float = 0.005
+    """select='cost': export's --eps (accuracy with fallbacks >= the full model's - this, on right hints)."""
+    accept_wrong_eps: float = 0.05
+    """select='cost': export's --wrong-eps (the same on wrong-hint images)."""
     global_model: bool = True
     """Also build the single global model (one head mask + one unit set for all classes) as the baseline."""
     batch_size: int = 128
@@ -92,6 +101,12 @@ class UnitsConfig:
             raise UserError("images, global_images and batch_size must be >= 1")
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise UserError(f"fractions must be in (0, 1], got {self.fractions}")
+        if self.select not in ("accuracy", "cost"):
+            raise UserError(f"select must be 'accuracy' or 'cost', got {self.select!r}")
+        if not 0.0 <= self.accept_eps < 1.0 or not 0.0 <= self.accept_wrong_eps <= 1.0:
+            raise UserError("accept_eps must be in [0, 1) and accept_wrong_eps in [0, 1]")
+        if self.select == "cost" and self.search != "all":
+            raise UserError("select='cost' scores every candidate: use search='all'")
         if self.search not in ("all", "cheapest-first"):
             raise UserError(f"search must be 'all' or 'cheapest-first', got {self.search!r}")
         if not self.schemes or any(s not in SCHEMES for s in self.schemes):
@@ -206,12 +221,15 @@ class UnitEval:
             if units is not None and units[l]:
                 m[torch.tensor(units[l])] = 1.0
 
-    def preds(self, images: np.ndarray, head_mask, units: Optional[list[list[int]]]) -> np.ndarray:
+    def logits(self, images: np.ndarray, head_mask, units: Optional[list[list[int]]]) -> np.ndarray:
         from steerprune.training.forward import run_model
 
         self._set(units)
         out = run_model(self.model, images, self.bcfg, head_mask=torch.as_tensor(np.asarray(head_mask), dtype=torch.float32))
-        return out.logits.argmax(-1)
+        return np.asarray(out.logits, dtype=np.float32)
+
+    def preds(self, images: np.ndarray, head_mask, units: Optional[list[list[int]]]) -> np.ndarray:
+        return self.logits(images, head_mask, units).argmax(-1)
 
     def acc(self, images: np.ndarray, labels: np.ndarray, head_mask, units) -> float:
         return float((self.preds(images, head_mask, units) == labels).mean()) if len(labels) else float("nan")
@@ -229,6 +247,27 @@ def select_units(candidates: list[UnitCandidate], ref_acc: float, eps: float,
         if claim is None or claim(c) <= max_claim + 1e-12:
             return c
     raise ValueError("no candidate meets the constraints (include the no-cut candidate)")
+
+
+def _cheapest(ev: UnitEval, cands: list[UnitCandidate], vx, vy, ox, oy, classes, mask, full_mask, cfg: UnitsConfig):
+    """select='cost': every candidate's expected cost per right-hint request under the acceptance rule export would
+    choose for it (right hints: the route's val images; wrong hints: other classes' val images `ox`); the cheapest
+    (ties: fewer FLOPs, then the smaller cut), its rule, and the per-candidate table."""
+    from steerprune.export.acceptance import choose_rule, softmax
+
+    full_v, full_o = ev.preds(vx, full_mask, None), ev.preds(ox, full_mask, None)
+    scored = []
+    for c in cands:
+        ch = choose_rule(softmax(ev.logits(vx, mask, c.units)), full_v, vy, classes, c.flops_rel, cfg.accept_eps,
+                         wrong=(softmax(ev.logits(ox, mask, c.units)), full_o, oy), wrong_eps=cfg.accept_wrong_eps)
+        scored.append((c, ch))
+    best, ch = min(scored, key=lambda t: (round(t[1].score.cost, 9), round(t[0].flops_rel, 9), t[0].cut))
+    table = [[c.scheme, c.cut, round(c.flops_rel, 4), round(x.score.cost, 4), x.kind, round(x.score.fallback, 4)]
+             for c, x in scored]
+    accept = {"kind": ch.kind, "rule": ch.rule.to_json(), "cost": ch.score.cost, "fallback": ch.score.fallback,
+              "acc": ch.score.acc, "full_acc": ch.full_acc, "served": ch.served,
+              "wrong_hints": None if ch.wrong is None else ch.wrong._asdict()}
+    return best, accept, table
 
 
 def _sample(idx: np.ndarray, n: int, seed: list[int]) -> np.ndarray:
@@ -311,13 +350,19 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
     none = UnitCandidate("none", 0.0, None, head_flops(vit, mask)["rel"], route_acc)
     base_claim = claim(none)
     max_claim = base_claim + cfg.claim_eps
-    by_scheme = None
+    by_scheme, costs, accept = None, None, None
     if cfg.search == "all":
         cands = _candidates(ev, vit, imp, vx, vy, mask, cfg, route_acc)
-        c = select_units(cands, ref_acc, cfg.eps, claim, max_claim)
-        by_scheme = {s: select_units([x for x in cands if x.scheme in ("none", s)], ref_acc, cfg.eps, claim,
-                                     max_claim).cut for s in cfg.schemes}
         acc_only = select_units(cands, ref_acc, cfg.eps)  # what the accuracy rule alone would take
+        if cfg.select == "cost":
+            c, accept, costs = _cheapest(ev, cands, vx, vy, val.images[off], val.labels[off], classes, mask,
+                                         full_mask, cfg)
+            by_scheme = {s: min((x for x in costs if x[0] in ("none", s)), key=lambda x: (x[3], x[2]))[1]
+                         for s in cfg.schemes}
+        else:
+            c = select_units(cands, ref_acc, cfg.eps, claim, max_claim)
+            by_scheme = {s: select_units([x for x in cands if x.scheme in ("none", s)], ref_acc, cfg.eps, claim,
+                                         max_claim).cut for s in cfg.schemes}
     else:  # cheapest first, stop at the first that passes both checks: select_units' choice, fewer forwards
         specs = sorted(((head_flops(vit, mask, u)["rel"], cut, sch, u) for sch in cfg.schemes for cut in cfg.fractions
                         for u in [candidate_units(imp, cut, sch)]), key=lambda t: (round(t[0], 9), t[1]))
@@ -352,6 +397,9 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
                 "accuracy_rule_alone": {"scheme": acc_only.scheme, "cut": acc_only.cut, "flops_rel": acc_only.flops_rel,
                                         "acc": acc_only.val_acc, "claim": claims.get((acc_only.scheme, acc_only.cut))},
                 "candidates": _curve(cands),
+                # select='cost': [scheme, cut, flops_rel, expected cost, rule kind, fallback] per candidate, and the
+                # acceptance rule export would choose for the chosen one (export chooses again on its own draw)
+                "costs": costs, "acceptance": accept,
                 "claims": [[k[0], k[1], round(v, 4)] for k, v in claims.items()]},
         "test": test_rec,  # measured after the choice, for the record
     }
@@ -405,7 +453,9 @@ def units_run(run_dir, cfg: Optional[UnitsConfig] = None, report_path=None, out_
         e = routes_out[-1]
         log(f"  units {e['name']}: {e['scheme']} cut {e['cut']:g}, FLOPs {e['flops_rel_heads_only']:.3f} -> "
             f"{e['flops_rel']:.3f}, val acc {e['val']['route_acc']:.3f} -> {e['val']['acc']:.3f} (ref "
-            f"{e['val']['reference_acc']:.3f}), val claim {e['val']['claim_heads_only']:.3f} -> {e['val']['claim']:.3f}; "
+            f"{e['val']['reference_acc']:.3f}), val claim {e['val']['claim_heads_only']:.3f} -> {e['val']['claim']:.3f}"
+            + (f", expected cost {e['val']['acceptance']['cost']:.3f} ({e['val']['acceptance']['kind']})"
+               if e["val"].get("acceptance") else "") + "; "
             f"test {e['test']['acc_heads_only']:.3f} -> {e['test']['acc']:.3f} ({ri + 1}/{len(todo)}, "
             f"{time.perf_counter() - t0:.0f} s)")
 

@@ -31,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images per importance forward/backward (default 128)")
     p.add_argument("--search", choices=["all", "cheapest-first"],
                    help="score every candidate (default all) or cheapest first until one passes (same choice, faster)")
+    p.add_argument("--select", choices=["accuracy", "cost"],
+                   help="accuracy (default): fewest FLOPs within --eps and --claim-eps; cost: lowest expected cost "
+                        "per right-hint request under the acceptance rule export would choose (--accept-eps, "
+                        "--accept-wrong-eps)")
+    p.add_argument("--accept-eps", type=float, help="with --select cost: export's --eps as a fraction (default 0.005)")
+    p.add_argument("--accept-wrong-eps", type=float,
+                   help="with --select cost: export's --wrong-eps as a fraction (default 0.05)")
     p.add_argument("--no-global", action="store_true", help="skip the single-global-model baseline")
     p.add_argument("--routes", type=lambda v: [x for x in v.split(",") if x],
                    help="only these routes (a part: run parts in parallel with their own --out, then --merge)")
@@ -48,7 +55,8 @@ def _units(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = {k: getattr(args, k) for k in ("eps", "reference", "importance", "images", "fractions", "seed", "schemes",
-                                          "off_images", "claim_eps", "global_images", "global_val", "batch_size", "search")
+                                          "off_images", "claim_eps", "global_images", "global_val", "batch_size", "search",
+                                          "select", "accept_eps", "accept_wrong_eps")
             if getattr(args, k) is not None}
     if args.no_global:
         opts["global_model"] = False

@@ -208,3 +208,36 @@ def test_units_for_another_mask_refused(tiny_units, quick_run, tmp_path):
     bad.write_text(json.dumps(d))
     with pytest.raises(UserError, match="unit indices"):
         apply_units(load_run(quick_run), routes, bad)
+
+
+def test_cost_selection_config():
+    assert UnitsConfig(select="cost").accept_eps == 0.005
+    for bad in (dict(select="x"), dict(select="cost", search="cheapest-first"), dict(accept_eps=1.0),
+                dict(accept_wrong_eps=-0.1)):
+        with pytest.raises(UserError):
+            UnitsConfig(**bad)
+
+
+@pytest.mark.slow
+def test_cost_selection_takes_the_cheapest_candidate_under_the_acceptance_rule(quick_run, tmp_path):
+    """select='cost': every candidate is scored by export's acceptance search; the one chosen is the cheapest."""
+    from steerprune.steering.units import units_run
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"routes": ROUTES, "config": {"tau": 0.5, "aggregate": "vote"}}))
+    cfg = UnitsConfig(select="cost", images=64, fractions=[0.25, 0.5, 0.75], off_images=200, global_model=False)
+    out = units_run(quick_run, cfg, report_path=report, out_dir=tmp_path / "steering", routes=["0", "even"],
+                    log=lambda *_: None)
+    for r in out["routes"]:
+        v = r["val"]
+        assert len(v["costs"]) == len(v["candidates"]) == 1 + 2 * 3  # no cut, then 2 schemes x 3 fractions
+        best = min(c[3] for c in v["costs"])
+        assert v["acceptance"]["cost"] == pytest.approx(best, abs=1e-4)
+        chosen = [c for c in v["costs"] if (c[0], c[1]) == (r["scheme"], r["cut"])]
+        assert chosen and chosen[0][3] == pytest.approx(best, abs=1e-4)
+        assert r["flops_rel"] == pytest.approx(chosen[0][2], abs=1e-4)
+        # expected cost = FLOPs + fallback, and the rule keeps the accuracy bound on the route's val images
+        a = v["acceptance"]
+        assert a["cost"] == pytest.approx(r["flops_rel"] + a["fallback"])
+        assert a["acc"] >= a["full_acc"] - 0.005 - 1e-9
+        assert a["wrong_hints"]["acc"] >= a["wrong_hints"]["full_acc"] - 0.05 - 1e-9
