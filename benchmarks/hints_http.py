@@ -23,9 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--acceptance", choices=["route", "global"], default="route")
     p.add_argument("--images", help="NPZ of test images (default: the bundle's run's test split)")
     p.add_argument("--users", type=int, default=16)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `steerprune loadtest` flags")
-    a = p.parse_args(argv)
-    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # after --: more `steerprune loadtest` flags (split here: argparse's REMAINDER would also swallow --out)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     port = free_port()
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})  # the server inherits core 0

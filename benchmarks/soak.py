@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -139,7 +140,7 @@ def verdict(args, ready_s, saturation, rate, windows, rss) -> dict:
               "p99_stable": band is not None and band <= args.p99_band}
     return {
         "config": {k: v for k, v in vars(args).items()},
-        "machine": "x86-64, 2 cores shared with other jobs, no GPU",
+        "machine": f"x86-64, {os.cpu_count()} cores, no GPU", "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "ready_s": round(ready_s, 2), "saturation": saturation, "rate_rps": rate,
         "requests": sum(w["requests"] for w in windows), "errors": errors,
         "worker_rss_mb": {"first_after_settle": round(float(np.median(first)), 1),
