@@ -15,14 +15,20 @@ __all__ = ["inprocess_baseline", "baseline_report"]
 
 
 def inprocess_baseline(bundle: str, x: np.ndarray, plan: list[Planned], threads: int = 0, seconds: float = 1.5,
-                       hint_mode: str = "verify", min_prob: float = 0.7, acceptance: str = "route") -> dict:
+                       hint_mode: str = "verify", min_prob: float = 0.7, acceptance: str = "route",
+                       served: Optional[dict] = None) -> dict:
     """Offline answers for the plan (what the server must return, in its hint mode and acceptance), the full
-    model's prediction for every image, and each model's ONNX Runtime ms per image at batch 1 and 32."""
+    model's prediction for every image, and each model's ONNX Runtime ms per image at batch 1 and 32. `served`
+    ({route: bool}, from the server's /routes) overrides which routes are served: the server may stop serving a
+    route by its own timings, which this process cannot repeat."""
     from steerprune.service.config import ServeConfig
     from steerprune.service.engine import FULL, Engine
 
     eng = Engine(ServeConfig(bundle=bundle, verify=False, threads=threads, hint_mode=hint_mode, min_prob=min_prob,
-                             acceptance=acceptance))
+                             acceptance=acceptance, unserve_costlier=False))
+    for name, flag in (served or {}).items():
+        if name in eng.routes and name != FULL:
+            eng.routes[name] = eng.routes[name]._replace(served=bool(flag))
     per_model = {}
     for model in eng.sessions:
         row = {}
@@ -58,7 +64,9 @@ def baseline_report(bundle: str, pngs: list[bytes], plan: list[Planned], samples
     ok = [s for s in samples if s.status == 200]
     used = max((s.planned for s in samples), default=-1) + 1
     base = inprocess_baseline(bundle, x, plan[:used], threads=threads, hint_mode=listing.get("hint_mode", "verify"),
-                              min_prob=listing.get("min_prob", 0.7), acceptance=listing.get("acceptance", "route"))
+                              min_prob=listing.get("min_prob", 0.7), acceptance=listing.get("acceptance", "route"),
+                              served={n: (r.get("acceptance") or {}).get("served", True)
+                                      for n, r in listing.get("routes", {}).items()})
     full_correct = [int(base["full_pred"][plan[s.planned].image]) == int(labels[plan[s.planned].image]) for s in ok]
     mism = [s.planned for s in ok if s.answer["index"] != base["answers"][s.planned].index
             or s.answer["fallback"] != base["answers"][s.planned].fallback]

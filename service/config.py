@@ -92,6 +92,12 @@ class ServeConfig:
     0: always a thread."""
     verify: bool = True
     """Re-check sha256 and stored-sample parity of every model at start-up (export's verify_bundle)."""
+    unserve_costlier: bool = True
+    """Verify mode with per-route rules: after warm-up, a route whose right-hint request would cost at least an
+    unhinted one on this machine is not served (its hints go to the full model). The cost is measured, not
+    counted: the route model's warm-up time per call at batch 1, plus the fallback rate export measured on
+    validation times the full model's, against the full model's. Export's own choice counts FLOPs, which on a
+    small model or a deep cut fall faster than ONNX Runtime's time does."""
     switch_interval_ms: float = 0.5
     """Python's GIL switch interval in the worker once ready (default 5 ms): the event loop parsing uploads and the
     thread running ONNX Runtime hand the GIL back and forth, and each hand-off can hold a request that long."""

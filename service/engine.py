@@ -37,8 +37,8 @@ FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
     "off_route": "the routed model's top-1 class is not one of the hint's classes: answered by the full model",
     "low_confidence": "the routed answer fails the route's acceptance rule (top-1 probability, margin or the "
                       "hint's total probability too low): answered by the full model",
-    "not_served": "export found this route no cheaper than the full model once its fallbacks are counted: "
-                  "its hints go to the full model",
+    "not_served": "this route is no cheaper than the full model once its fallbacks are counted (by export's "
+                  "estimate or this server's timings): its hints go to the full model",
 }
 
 
@@ -127,6 +127,8 @@ class Engine:
         self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda")
         self.warm_sizes = warm_sizes(cfg.max_batch_size)
         self.run_ms: dict[str, dict[int, float]] = {}  # model -> batch size -> ms per run, filled by warm_up
+        self.measured_cost: dict[str, float] = {}  # route -> right-hint cost vs unhinted here, by unserve_costlier
+        self.unserved_why: dict[str, str] = {}  # route -> why unserve_costlier stopped serving it
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
             f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
 
@@ -231,6 +233,29 @@ class Engine:
                     self.run_ms.setdefault(model, {})[b] = round(float(np.median(times[1:] or times)), 4)
         return time.perf_counter() - t0
 
+    def unserve_costlier(self) -> list[str]:
+        """After warm_up, in verify mode with per-route rules: stop serving each route whose right-hint request
+        costs at least an unhinted one here, run_ms[route][1] + val fallback x run_ms[full][1] >= run_ms[full][1]
+        (records every served route's ratio in `measured_cost`). Returns the routes it stopped serving."""
+        if self.cfg.hint_mode != "verify" or self.acceptance != "route":
+            return []
+        full = self.run_ms.get(self.full_model, {}).get(1)
+        if not full:
+            return []
+        dropped = []
+        for name, r in list(self.routes.items()):
+            if name == FULL or not r.served:
+                continue
+            fallback = float(((r.entry.get("acceptance") or {}).get("val") or {}).get("fallback", 0.0))
+            cost = (self.run_ms[r.model][1] + fallback * full) / full
+            self.measured_cost[name] = round(cost, 4)
+            if cost >= 1.0:
+                self.routes[name] = r._replace(served=False)
+                self.unserved_why[name] = (f"measured on this server: a right-hint request costs {cost:.3f} of an "
+                                           f"unhinted one (batch-1 warm-up timings, val fallback {fallback:.3f})")
+                dropped.append(name)
+        return dropped
+
     def expected_ms(self, routes: Sequence[str]) -> float:
         """What `run` should take for a batch with these routes, from the warm-up timings: one run per distinct
         model, plus, in verify mode, a full-model run for every hinted row (the worst case). inf before warm-up."""
@@ -263,10 +288,12 @@ class Engine:
             if r.name != FULL:
                 a = e.get("acceptance") or {}
                 out["acceptance"] = {
-                    "served": r.served or self.cfg.hint_mode != "verify", "reason": a.get("reason") if not r.served else None,
+                    "served": r.served or self.cfg.hint_mode != "verify", "reason": (self.unserved_why.get(r.name) or a.get("reason")) if not r.served else None,
                     "rule": r.rule.to_json(), "kind": a.get("kind") if self.acceptance == "route" else "global",
                     # what export measured for this rule on validation (None under the global rule)
                     "val": a.get("val") if self.acceptance == "route" else None,
+                    # this server's right-hint cost vs an unhinted request at batch 1 (unserve_costlier)
+                    "measured_cost": self.measured_cost.get(r.name),
                     "cost": (self.manifest.get("cost") or {}).get("routes", {}).get(r.name)}
             return out
 

@@ -139,6 +139,12 @@ class SteerPrune:
             return
         try:
             self.warmup_seconds = self.engine.warm_up(self.cfg.max_batch_size, self.cfg.warmup_rounds)
+            if self.cfg.unserve_costlier:
+                dropped = self.engine.unserve_costlier()
+                if dropped:
+                    log.info("routes not served (costlier than the full model by this server's timings): %s",
+                             ", ".join(f"{n} {self.engine.measured_cost[n]:.3f}" for n in dropped))
+                self.listing = dict(self.listing, **self.engine.describe())
             b = self.cfg.max_batch_size
             self.item_ms = {r: self.engine.expected_ms([r] * b) / b for r in self.engine.routes}
         except Exception:  # noqa: BLE001 - stays unready; the log says why

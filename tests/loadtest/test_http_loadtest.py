@@ -34,7 +34,15 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
                                          mix="right=0.5,wrong=0.25,none=0.25", bundle=str(tiny_bundle),
                                          out=str(out)), log=lambda *_: None)
     assert report["errors"] == 0 and report["requests"] == report["ok"] == 120  # sweep: 120 distinct images
-    assert report["inprocess"]["answers_differing_from_offline"] == 0
+    assert report["inprocess"]["answers_differing_from_offline"] == 0  # served flags taken from the server
+    listing = json.loads(get(server.url, "/routes")[1])
+    for name, r in listing["routes"].items():  # the server weighed every route export served by its own timings
+        a = r["acceptance"]
+        if a["measured_cost"] is not None:
+            assert a["measured_cost"] > 0 and a["served"] == (a["measured_cost"] < 1.0), name
+            if not a["served"]:
+                assert "measured on this server" in a["reason"]
+    assert any(r["acceptance"]["measured_cost"] is not None for r in listing["routes"].values())
     assert set(report["latency_by_kind"]) == {"right", "wrong", "none"}
     assert 0 < report["server_share_of_inprocess_throughput"] < 10
     assert report["server_cpu_ms_per_request"] > 0

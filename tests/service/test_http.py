@@ -30,8 +30,10 @@ def server_env(tmp_path) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
+    # answers are compared with an offline Engine: keep export's served flags (the timing decision is the
+    # server's own, tested in test_offline and over HTTP in tests/loadtest)
     proc = start_server(tiny_bundle, port=free_port(), timeout=120, log_path=tmp / "server.log",
-                        env=server_env(tmp), threads=1)
+                        env=server_env(tmp), threads=1, unserve_costlier=False)
     yield proc
     stop_server(proc)
 
@@ -334,7 +336,7 @@ def test_cuda_server_answers_like_the_cpu_engine(tiny_bundle, offline, digits, t
     if not gpu_visible():
         pytest.skip("no NVIDIA GPU visible")
     proc = start_server(tiny_bundle, port=free_port(), timeout=180, log_path=tmp_path / "server.log",
-                        env=server_env(tmp_path), device="cuda", verify=False)
+                        env=server_env(tmp_path), device="cuda", verify=False, unserve_costlier=False)
     try:
         body = requests.get(proc.url + "/routes", timeout=5).json()
         assert body["device"] == "cuda" and body["ready"] is True

@@ -220,6 +220,34 @@ def test_engine_applies_a_route_probability_rule(tiny_bundle, tmp_path, digits_t
             assert o.fallback_reason == "low_confidence"
 
 
+def test_routes_costlier_than_the_full_model_by_measured_time_are_not_served(tiny_bundle, digits_test):
+    """unserve_costlier: route ms at batch 1 + val fallback x full ms >= full ms -> the hint goes to the full model."""
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))
+    served = [n for n in eng.hint_names() if eng.routes[n].served]
+    assert len(served) >= 2
+    cheap, dear = served[0], served[1]
+    fb = {n: eng.manifest["routes"][n]["acceptance"]["val"]["fallback"] for n in (cheap, dear)}
+    assert fb[cheap] < 0.9
+    eng.run_ms = {m: {1: 1.0} for m in eng.sessions}  # every model as slow as the full one ...
+    eng.run_ms[eng.routes[cheap].model] = {1: 0.05}  # ... except the cheap route's (shares no model with dear)
+    if eng.routes[dear].model == eng.routes[cheap].model:
+        pytest.skip("the two routes share a model")
+    dropped = eng.unserve_costlier()
+    assert dear in dropped and cheap not in dropped
+    assert eng.measured_cost[cheap] == pytest.approx(0.05 + fb[cheap], abs=1e-4)
+    assert eng.measured_cost[dear] == pytest.approx(1.0 + fb[dear], abs=1e-4)
+    x = normalize(digits_test.images[:8], eng.spec)
+    assert all(o.fallback and o.fallback_reason == "not_served" and o.model == eng.full_model
+               for o in eng.run(x, [dear] * len(x)))
+    listing = eng.describe()["routes"]
+    assert listing[dear]["acceptance"]["served"] is False
+    assert "measured on this server" in listing[dear]["acceptance"]["reason"]
+    assert listing[cheap]["acceptance"]["served"] is True
+    trust = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, hint_mode="trust"))
+    trust.run_ms = eng.run_ms
+    assert trust.unserve_costlier() == []  # trust mode never reruns: nothing to weigh
+
+
 def test_schema_1_bundle_gets_the_global_rule(tiny_bundle, tmp_path):
     import shutil
 
