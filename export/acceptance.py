@@ -72,7 +72,7 @@ class Choice(NamedTuple):
     kind: str  # 'confidence' | 'margin' | 'route_prob': which threshold the search moved
     score: RuleScore
     full_acc: float  # the full model's accuracy on the same images
-    off_route: float  # share whose routed top-1 lies outside the route (a fallback under every rule)
+    off_route: float  # share whose routed top-1 lies outside the route (a fallback under every top-1 rule)
     n: int  # validation images of the route's classes
     served: bool  # False when even the best rule costs at least the full model
     reason: Optional[str]  # why not served

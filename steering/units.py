@@ -7,7 +7,10 @@ are scored on the route's *validation* images, and the rule keeps the candidate 
 accuracy is within `eps` of the reference (by default the heads-only route itself) and whose claim rate (the share
 of other classes' val images it assigns to the route's classes) is at most `claim_eps` above the heads-only
 route's. Units ranked on one class's loss can make the model answer that class more often, which raises its
-accuracy on its own images for free but would let wrong hints through; the claim constraint stops that. The test
+accuracy on its own images for free but would let wrong hints through; the claim constraint stops that. With
+`select='cost'` the rule is instead the lowest expected cost per right-hint request (FLOPs + fallback rate) under
+the acceptance rule export would choose for each candidate, whose own bounds (right hints within `accept_eps` of
+the full model, wrong hints within `accept_wrong_eps`) take the place of eps and the claim check. The test
 split is only read afterwards, for the record. A single global model (one head mask for all classes, units ranked on train images of
 all classes) is built the same way as the baseline the routes have to beat at matched FLOPs.
 

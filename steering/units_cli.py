@@ -11,7 +11,8 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("units", help="choose per-route MLP hidden units to prune on top of the steering report",
                        description="Rank every MLP hidden unit on each route's train images (with the route's head "
-                                   "mask), choose the largest cut whose route val accuracy stays within eps, build the "
+                                   "mask), choose the largest cut whose route val accuracy stays within eps (or, with "
+                                   "--select cost, the cut of lowest expected cost per hinted request), build the "
                                    "single global model as the baseline, and write RUN/steering/units.json for "
                                    "`steerprune export --units`. The steering report is read, never changed.")
     p.add_argument("run", help="run directory with a steering report")
