@@ -94,6 +94,7 @@ def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            stop_server(proc)  # removes the BENTOML_HOME made for it
             raise UserError(f"the server exited with code {proc.returncode}; last log lines:\n{_tail(log_path)}")
         if _get_status(proc.url + "/readyz") == 200:
             return proc

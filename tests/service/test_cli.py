@@ -1,10 +1,11 @@
-"""`steerprune serve` flags -> ServeConfig fields (no server started)."""
+"""`steerprune serve` flags -> ServeConfig fields, and what start_server/stop_server leave behind."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -73,3 +74,24 @@ def test_concurrency_reaches_the_worker_and_is_validated(tmp_path):
     assert ServeConfig.from_env(env).concurrency == 4
     with pytest.raises(UserError, match="concurrency must be >= 1"):
         ServeConfig(bundle=str(tmp_path), concurrency=0)
+
+
+@pytest.mark.slow
+def test_a_server_that_exits_at_start_leaves_no_bentoml_home(tiny_bundle, tmp_path, monkeypatch):
+    pytest.importorskip("bentoml")
+    import steerprune.service.cli as cli
+
+    made = []
+    real = tempfile.mkdtemp
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(cli.tempfile, "mkdtemp", spy)
+    monkeypatch.setattr(cli, "SERVICE_REF", "steerprune_no_such_module:Service")  # bentoml serve exits at once
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    with pytest.raises(UserError, match="the server exited"):
+        cli.start_server(tiny_bundle, port=cli.free_port(), timeout=60, log_path=tmp_path / "s.log", env=env)
+    homes = [m for m in made if "steerprune-bentoml-" in m]
+    assert len(homes) == 1 and not os.path.exists(homes[0])
