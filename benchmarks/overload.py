@@ -126,14 +126,15 @@ def main(argv=None) -> int:
     key = f"{max(float(x) for x in a.factors.split(',')):g}x"  # the run of median share at the highest factor
     shares = [r["phases"][key]["accepted_share_of_saturation"] for r in runs]
     mid = runs[int(np.argsort(shares)[len(shares) // 2])]
+    summaries = [{name: _summary(ph) for name, ph in r["phases"].items()} for r in runs]
     report = {"bundle": str(a.bundle), "bundle_id": mid["listing"].get("bundle_id"), "images": source,
               "config": vars(a), "server": {k: mid["listing"].get(k) for k in ("max_queue", "max_wait_ms",
                                                                                "max_batch_size",
                                                                                "expected_ms_per_image", "device")},
               "machine": f"{os.cpu_count()}-core x86 VM, no GPU", "pinned": mid["pinned"],
               "load_average_before": load_before, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "runs": [{name: _summary(ph) for name, ph in r["phases"].items()} for r in runs],
-              "median_of_runs": {name: {k: float(np.median([_summary(r["phases"][name])[k] for r in runs]))
+              "runs": summaries,
+              "median_of_runs": {name: {k: float(np.median([sm[name][k] for sm in summaries]))
                                         for k in ("accepted_rps", "accepted_share_of_saturation",
                                                   "accepted_share_of_best", "accepted_p99_ms")}
                                  for name in mid["phases"]},

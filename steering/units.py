@@ -252,16 +252,20 @@ def select_units(candidates: list[UnitCandidate], ref_acc: float, eps: float,
     raise ValueError("no candidate meets the constraints (include the no-cut candidate)")
 
 
-def _cheapest(ev: UnitEval, cands: list[UnitCandidate], vx, vy, ox, oy, classes, mask, full_mask, cfg: UnitsConfig):
+def _cheapest(ev: UnitEval, cands: list[UnitCandidate], vx, vy, ox, oy, classes, mask, full_mask, cfg: UnitsConfig,
+              v_logits: dict):
     """select='cost': every candidate's expected cost per right-hint request under the acceptance rule export would
-    choose for it (right hints: the route's val images; wrong hints: other classes' val images `ox`); the cheapest
-    (ties: fewer FLOPs, then the smaller cut), its rule, and the per-candidate table."""
+    choose for it (right hints: the route's val images `vx`, whose logits `_candidates` kept in `v_logits`; wrong
+    hints: other classes' val images `ox`); the cheapest (ties: fewer FLOPs, then the smaller cut), its rule, and the
+    per-candidate table."""
     from steerprune.export.acceptance import choose_rule, softmax
 
     full_v, full_o = ev.preds(vx, full_mask, None), ev.preds(ox, full_mask, None)
     scored = []
     for c in cands:
-        ch = choose_rule(softmax(ev.logits(vx, mask, c.units)), full_v, vy, classes, c.flops_rel, cfg.accept_eps,
+        lg = v_logits.get((c.scheme, c.cut))
+        lg = ev.logits(vx, mask, c.units) if lg is None else lg  # the no-cut candidate was not forwarded there
+        ch = choose_rule(softmax(lg), full_v, vy, classes, c.flops_rel, cfg.accept_eps,
                          wrong=(softmax(ev.logits(ox, mask, c.units)), full_o, oy), wrong_eps=cfg.accept_wrong_eps)
         scored.append((c, ch))
     best, ch = min(scored, key=lambda t: (round(t[1].score.cost, 9), round(t[0].flops_rel, 9), t[0].cut))
@@ -278,15 +282,21 @@ def _sample(idx: np.ndarray, n: int, seed: list[int]) -> np.ndarray:
     return np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False))
 
 
-def _candidates(ev: UnitEval, vit, imp, images, labels, mask, cfg: UnitsConfig, base_acc: float) -> list[UnitCandidate]:
+def _candidates(ev: UnitEval, vit, imp, images, labels, mask, cfg: UnitsConfig, base_acc: float,
+                logits: Optional[dict] = None) -> list[UnitCandidate]:
+    """The no-cut candidate and every (scheme, cut), scored on `images`; with `logits`, each cut's logits are kept
+    there by (scheme, cut) for a caller that needs more than the accuracy."""
     from steerprune.training.model import head_flops
 
     out = [UnitCandidate("none", 0.0, None, head_flops(vit, mask)["rel"], base_acc)]
     for scheme in cfg.schemes:
         for cut in cfg.fractions:
             units = candidate_units(imp, cut, scheme)
-            out.append(UnitCandidate(scheme, cut, units, head_flops(vit, mask, units)["rel"],
-                                     ev.acc(images, labels, mask, units)))
+            lg = ev.logits(images, mask, units)
+            if logits is not None:
+                logits[(scheme, cut)] = lg
+            acc = float((lg.argmax(-1) == labels).mean()) if len(labels) else float("nan")
+            out.append(UnitCandidate(scheme, cut, units, head_flops(vit, mask, units)["rel"], acc))
     return out
 
 
@@ -355,11 +365,12 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
     max_claim = base_claim + cfg.claim_eps
     by_scheme, costs, accept = None, None, None
     if cfg.search == "all":
-        cands = _candidates(ev, vit, imp, vx, vy, mask, cfg, route_acc)
+        v_logits: dict = {}  # (scheme, cut) -> logits on vx, for the cost of each candidate
+        cands = _candidates(ev, vit, imp, vx, vy, mask, cfg, route_acc, v_logits)
         acc_only = select_units(cands, ref_acc, cfg.eps)  # what the accuracy rule alone would take
         if cfg.select == "cost":
             c, accept, costs = _cheapest(ev, cands, vx, vy, val.images[off], val.labels[off], classes, mask,
-                                         full_mask, cfg)
+                                         full_mask, cfg, v_logits)
             by_scheme = {s: min((x for x in costs if x[0] in ("none", s)), key=lambda x: (x[3], x[2]))[1]
                          for s in cfg.schemes}
         else:
