@@ -10,7 +10,8 @@ manifest keeps only those routes and their models, so the server's sha256 + pari
 file), served by `steerprune serve` on 127.0.0.1 with 1 ONNX Runtime thread, and measured: seconds to /readyz, RSS
 of the worker and of the whole process tree once ready (models loaded and warmed) and after `--load-s` seconds of
 unpaced load (right/wrong/no hints: every route's session runs and grows its CPU arena), throughput, and server CPU
-milliseconds per request (psutil). One server at a time; figures on a shared 2-core VM drift, ratios less so.
+milliseconds per request (psutil), for each `--memory` mode (how the sessions hold memory: `private`, `arena`,
+`shared`; see docs/serving.md). One server at a time; figures on a shared 2-core VM drift, ratios less so.
 """
 from __future__ import annotations
 
@@ -60,7 +61,14 @@ def _worker_and_tree_mb(pid: int) -> tuple[float, float]:
     return max(rss), sum(rss)
 
 
-def measure(bundle: Path, images: str | None, load_s: float, users: int, seed: int = 0) -> dict:
+# --memory: how the server's sessions hold memory (ServeConfig shared_arena / share_weights)
+MEMORY_MODES = {"private": dict(shared_arena=False, share_weights=False),
+                "arena": dict(shared_arena=True, share_weights=False),
+                "shared": dict(shared_arena=True, share_weights=True)}
+
+
+def measure(bundle: Path, images: str | None, load_s: float, users: int, seed: int = 0,
+            memory: str = "arena") -> dict:
     from steerprune.loadtest.client import get, multipart_body, run_open_loop
     from steerprune.loadtest.plan import encode_png, load_images, parse_mix, plan_requests
     from steerprune.loadtest.probes import server_cpu_seconds
@@ -70,7 +78,7 @@ def measure(bundle: Path, images: str | None, load_s: float, users: int, seed: i
     m = load_manifest(bundle)
     port = free_port()
     t0 = time.perf_counter()
-    proc = start_server(bundle, port=port, timeout=300, threads=1)
+    proc = start_server(bundle, port=port, timeout=300, threads=1, **MEMORY_MODES[memory])
     ready_s = time.perf_counter() - t0
     try:
         time.sleep(2)  # let BentoML's start-up allocations settle
@@ -97,7 +105,7 @@ def measure(bundle: Path, images: str | None, load_s: float, users: int, seed: i
     ok = [s for s in samples if s.status == 200]
     lat = np.array([s.latency for s in ok]) * 1000
     model_mb = sum((bundle / rel).stat().st_size for rel in m["models"]) / 2**20
-    return {"routes": len(m["routes"]), "models": len(m["models"]), "model_files_mb": round(model_mb, 2),
+    return {"memory": memory, "routes": len(m["routes"]), "models": len(m["models"]), "model_files_mb": round(model_mb, 2),
             "params_full": m["full"].get("params"), "ready_s": round(ready_s, 2),
             "worker_rss_mb_ready": round(worker_ready, 1), "tree_rss_mb_ready": round(tree_ready, 1),
             "worker_rss_mb_after_load": round(worker_load, 1), "tree_rss_mb_after_load": round(tree_load, 1),
@@ -119,12 +127,20 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", action="append", required=True, help="NAME=PATH of an exported bundle (repeatable)")
     ap.add_argument("--images", action="append", default=[], help="NAME=NPZ test images for a non-digits bundle")
     ap.add_argument("--routes", default="0,all", help="route counts to measure per bundle: integers and/or 'all'")
+    ap.add_argument("--memory", default="arena",
+                    help=f"comma-separated server memory modes to measure: {', '.join(MEMORY_MODES)} (private: one "
+                         "arena and one copy of the weights per session; arena: one shared CPU arena, the default; "
+                         "shared: the arena and one copy of each distinct weight)")
     ap.add_argument("--load-s", type=float, default=15.0)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--targets", default="1000,10000", help="target request rates for the replica column")
     ap.add_argument("--out", default="benchmarks/results/memory_scaling.json")
     args = ap.parse_args(argv)
     images = dict(s.split("=", 1) for s in args.images)
+    modes = args.memory.split(",")
+    unknown = sorted(set(modes) - set(MEMORY_MODES))
+    if unknown:
+        ap.error(f"unknown --memory {', '.join(unknown)}: use {', '.join(MEMORY_MODES)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="memscale-") as tmp:
         for spec in args.bundle:
@@ -135,22 +151,23 @@ def main(argv=None) -> int:
             for k in counts:
                 dst = Path(tmp) / f"{name}_{k}"
                 subset_bundle(src, dst, k)
-                row = {"bundle": name, **measure(dst, images.get(name), args.load_s, args.users)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for mode in modes:
+                    row = {"bundle": name, **measure(dst, images.get(name), args.load_s, args.users, memory=mode)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     targets = [float(t) for t in args.targets.split(",")]
     for r in rows:
         r["replicas_at_50pct"] = {str(int(t)): replicas_needed(t, r["throughput_rps"]) for t in targets}
     per_model = {}
-    for name in {r["bundle"] for r in rows}:
-        rs = sorted((r for r in rows if r["bundle"] == name), key=lambda r: r["models"])
+    for name, mode in {(r["bundle"], r["memory"]) for r in rows}:
+        rs = sorted((r for r in rows if r["bundle"] == name and r["memory"] == mode), key=lambda r: r["models"])
         if len(rs) >= 2 and rs[-1]["models"] > rs[0]["models"]:
             dm = rs[-1]["models"] - rs[0]["models"]
-            per_model[name] = {
+            per_model[f"{name}/{mode}"] = {
                 "worker_mb_per_model_ready": round((rs[-1]["worker_rss_mb_ready"] - rs[0]["worker_rss_mb_ready"]) / dm, 2),
                 "worker_mb_per_model_after_load":
                     round((rs[-1]["worker_rss_mb_after_load"] - rs[0]["worker_rss_mb_after_load"]) / dm, 2)}
-    report = {"machine": "x86-64, 2 cores shared with other jobs, no GPU; server: 1 worker, 1 ONNX Runtime thread, "
+    report = {"machine": f"x86-64 ({os.cpu_count()} CPUs), no GPU; server: 1 worker, 1 ONNX Runtime thread, "
                          "load generator in this process", "config": vars(args), "rows": rows,
               "per_model_slope": per_model}
     out = Path(args.out)

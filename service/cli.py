@@ -178,6 +178,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batcher", choices=["greedy", "bentoml"], default="greedy")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--shared-arena", action=argparse.BooleanOptionalAction, default=True,
+                   help="all ONNX Runtime sessions allocate from one CPU arena (default on; see docs/serving.md)")
+    p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=False,
+                   help="hold each distinct weight of the bundle's models once for all sessions, prepacking off "
+                        "(less memory with many routes, slower runs; needs onnx; see docs/serving.md)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before an unanswered request gets 504")
     p.add_argument("--concurrency", type=int, default=8,
                    help="BentoML's traffic.concurrency: concurrent requests a worker is sized for (BentoCloud's "
@@ -225,7 +230,8 @@ def _serve(args) -> int:
                   pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
                   gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
                   gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
-                  max_wait_ms=args.max_wait_ms, concurrency=args.concurrency)
+                  max_wait_ms=args.max_wait_ms, concurrency=args.concurrency,
+                  shared_arena=args.shared_arena, share_weights=args.share_weights)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -44,6 +44,13 @@ class ServeConfig:
     """bentoml batcher only: its hard queueing limit (requests past it get 503), so keep it generous."""
     threads: int = 0
     """ONNX Runtime intra-op threads per session (0: ONNX Runtime's default, one per physical core)."""
+    shared_arena: bool = True
+    """Every session allocates from one CPU arena registered with ONNX Runtime's environment instead of growing a
+    private one to its largest batch, so scratch memory no longer grows with the number of route models."""
+    share_weights: bool = False
+    """Hold each distinct initializer of the bundle's models once and hand it to every session that has it (ONNX
+    Runtime add_initializer), with weight prepacking off in those sessions (a prepacked copy would be private):
+    memory for many routes against some speed per run. Needs the onnx package."""
     warmup_rounds: int = 3
     """Warm-up runs per session and batch size before /readyz turns ready."""
     pad_batches: str = "auto"

@@ -22,6 +22,7 @@ import numpy as np
 from steerprune.errors import UserError
 from steerprune.export.acceptance import AcceptRule, accepted, answer_index, softmax
 from steerprune.export.runtime import cuda_built, gpu_visible, ort_session
+from steerprune.export.session_memory import SharedInitializers
 
 from .config import ServeConfig
 from .preprocess import InputSpec
@@ -111,10 +112,18 @@ class Engine:
             self.problems.append(f"CUDA was requested (device={cfg.device}) but this onnxruntime has no CUDA "
                                  "provider: install onnxruntime-gpu (and not onnxruntime beside it)")
         device = "cuda" if self.requested_cuda and not self.problems else "cpu"
-        for rel in model_paths(m):
+        paths = model_paths(m)
+        # one copy of each distinct weight for all sessions (kept alive here: the sessions point into it)
+        self.shared = SharedInitializers([self.bundle / rel for rel in paths], device) if cfg.share_weights else None
+        if self.shared is not None:
+            st = self.shared.stats
+            say(f"weights shared across {st.models} sessions: {st.distinct} distinct tensors, {st.held_mb:.1f} MB held "
+                f"for {st.total_mb:.1f} MB of initializers")
+        for rel in paths:
             # require_device off: a session that fell back to the CPU becomes a readiness problem, not a crash
             sess = ort_session(self.bundle / rel, threads=cfg.threads or None, device=device, require_device=False,
-                               log=log.warning)
+                               log=log.warning, env_allocator=cfg.shared_arena,
+                               initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
             self.sessions[rel] = sess
             self.providers[rel] = sess.get_providers()
             if self.requested_cuda and "CUDAExecutionProvider" not in self.providers[rel]:

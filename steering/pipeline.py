@@ -15,6 +15,7 @@ from steerprune.errors import UserError
 from steerprune.training.run import load_run, read_json, versions, write_json
 
 from .evaluate import evaluate_plans, forwards_on_test
+from .spotlight import spotlight
 from .global_mask import GlobalMaskConfig, RouteMask, global_baseline, summary_row
 from .masks import ValData
 from .plan import SteerConfig, load_groups, make_routes, plan_routes
@@ -82,6 +83,7 @@ def steer_run(run_dir: str | Path, strategy: str = "per-class", groups_path: Opt
                                                           "alpha", "k", "latents", "gated_kept_heads",
                                                           "flops_rel")}
                                        for r in label_free]
+    report["spotlight"] = [sp for sp in (spotlight(report, n) for n in cfg.spotlight) if sp is not None]
     report["seconds"] = round(time.time() - t0, 1)
 
     out = Path(out_dir).expanduser() if out_dir else run_dir / "steering"

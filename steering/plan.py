@@ -68,6 +68,9 @@ class SteerConfig:
     label-free share of the label-based usage cut from 59% to 79%."""
     compare_label_free: bool = True
     """With strategy per-class, also plan zero-shot routes and report how much of the usage cut they recover."""
+    spotlight: list[str] = field(default_factory=lambda: ["bowl"])
+    """Routes the report shows in detail (steering.spotlight), beside the paper's figures where it has them; names
+    that are not routes of this report are skipped."""
     max_off_route: int = 2000
     """Off-route accuracy uses at most this many test images (seeded subsample) to bound the cost on big sets."""
     seed: int = 0

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .masks import gated_kept_heads_text
+from .spotlight import spotlight_lines
 
 __all__ = ["write_markdown", "write_plots", "global_mask_lines", "write_baseline_markdown"]
 
@@ -60,6 +61,8 @@ def write_markdown(path: Path, report: dict) -> None:
           ""]
     if "global_mask" in report:
         L += global_mask_lines(report["global_mask"]) + [""]
+    for sp in report.get("spotlight", []):
+        L += [""] + spotlight_lines(sp)
     L += ["", "## Routes (test; acc with 95% Wilson interval)", "",
           "| route | n | alpha | k | usage before -> after | route acc before -> after | off-route acc after | "
           "FLOPs rel | kept heads | random ctrl usage / acc | threshold ctrl usage / acc | fixed / broken (p) |",

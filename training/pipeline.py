@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from steerprune.errors import UserError
 
 from .config import TrainConfig, backbone_config_for
 from .data import load_data
-from .device import resolve_device
+from .device import resolve_amp, resolve_device
 from .evaluate import evaluate_backbone, evaluate_policy, evaluate_sae
 from .forward import run_model
 from .loops import collect_policy_inputs, init_backbone, train_backbone, train_policy, train_sae
@@ -38,6 +38,7 @@ def run_training(run_dir: str | Path, data_spec: str | None, tcfg: TrainConfig, 
         raise UserError(f"unknown stage '{stage}': use {', '.join(STAGES)} or all")
     stages = STAGES if stage == "all" else (stage,)
     device = resolve_device(device)
+    tcfg = replace(tcfg, amp=resolve_amp(tcfg.amp, device, log))  # the record keeps what ran
     data_spec, record = check_against_record(run_dir, data_spec, tcfg, stages, resume)
     torch.manual_seed(tcfg.seed)
     data = load_data(data_spec, tcfg.val_fraction, tcfg.seed, tcfg.img_size, tcfg.split)

@@ -146,7 +146,7 @@ def test_gpu_preset_is_a_vit_s_class_model_on_32px():
     from steerprune.training.model import GatedViT, build_vit
 
     tcfg = TrainConfig.for_preset("cifar-gpu")
-    assert tcfg.amp == "bf16" and tcfg.batch_size == 256
+    assert tcfg.amp == "auto" and tcfg.batch_size == 256
     imgs = np.zeros((4, 32, 32, 3), np.uint8)
     split = Split(imgs, np.arange(4) % 2)
     bcfg = backbone_config_for(tcfg, DataBundle("x", ["a", "b"], split, split, split))

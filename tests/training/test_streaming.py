@@ -106,6 +106,34 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def test_amp_auto_resolves_to_what_the_device_computes_natively(monkeypatch):
+    from steerprune.training import device as dev
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(dev, "native_bf16", lambda d, native=native: native)
+        assert dev.resolve_amp("auto", cpu) == ("bf16" if native else "none")
+        said = []
+        assert dev.resolve_amp("bf16", cpu, log=said.append) == "bf16"  # an explicit choice is kept
+        assert bool(said) is (not native) and (not said or "emulated" in said[0])
+        assert dev.resolve_amp("none", cpu) == "none"
+    with pytest.raises(UserError, match="amp must be one of"):
+        dev.resolve_amp("fp16", cpu)
+
+
+def test_recorded_amp_is_the_resolved_one(tmp_path):
+    import json
+
+    from steerprune.training.config import TrainConfig
+    from steerprune.training.device import native_bf16
+    from steerprune.training.pipeline import run_training
+
+    tcfg = TrainConfig.for_preset("digits", epochs=1, amp="auto")
+    run_training(tmp_path / "r", "digits", tcfg, stage="backbone", log=lambda *_: None)
+    recorded = json.loads((tmp_path / "r" / "train_config.json").read_text())["train"]["amp"]
+    assert recorded == ("bf16" if native_bf16(torch.device("cpu")) else "none")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cli_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
     from steerprune.cli import main
