@@ -73,10 +73,9 @@ def ort_session(path: str | Path, threads: Optional[int] = None, device: str = "
     per physical core); inter-op threads are always 1 (the graphs run sequentially).
 
     `env_allocator` (default): allocate from the CPU arena registered with the environment (shared by every such
-    session, see `session_memory.register_env_allocator`) instead of a private one; private arenas each grow to
-    their session's largest run, and exporting 100 routes of a CIFAR-10-sized model held 23 GB that way. `initializers`: {name: OrtValue} used
-    instead of the model's own (`session_memory.SharedInitializers`); prepacking is then off, so the shared
-    buffers stay the only copy.
+    session, see `session_memory.register_env_allocator`) instead of a private one, which grows to its session's
+    largest run and stays there. `initializers`: {name: OrtValue} used instead of the model's own
+    (`session_memory.SharedInitializers`); prepacking is then off, so the shared buffers stay the only copy.
 
     onnxruntime-gpu logs an error and silently falls back to the CPU when CUDA cannot start: with
     `require_device` that is refused here with the reason; without it the caller checks `get_providers()`.

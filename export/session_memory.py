@@ -53,10 +53,6 @@ class ShareStats(NamedTuple):
     total_mb: float  # bytes of those initializers as the models store them
     held_mb: float  # bytes held once
 
-    def as_json(self) -> dict:
-        return {"models": self.models, "tensors": self.tensors, "distinct": self.distinct,
-                "total_mb": round(self.total_mb, 2), "held_mb": round(self.held_mb, 2)}
-
 
 class SharedInitializers:
     """Initializers of several ONNX models, each distinct tensor held once as an OrtValue on `device`.

@@ -18,7 +18,7 @@ from steerprune.training.model import BackboneConfig, GatedViT
 from steerprune.training.forward import run_model
 
 __all__ = [
-    "ValData", "aggregate", "head_usage", "gated_kept_heads", "gated_kept_heads_text", "MaskEval", "Candidate", "select_candidate",
+    "ValData", "aggregate", "head_usage", "gated_kept_heads", "kept_heads_text", "gated_kept_heads_text", "MaskEval", "Candidate", "select_candidate",
     "threshold_candidates", "match_usage", "AGGREGATES",
 ]
 
@@ -65,9 +65,14 @@ def gated_kept_heads(mask: np.ndarray, gated: list[int]) -> dict[str, list[int]]
     return {f"L{l}": [int(h) for h in np.flatnonzero(np.asarray(mask)[l])] for l in gated}
 
 
+def kept_heads_text(heads: dict) -> str:
+    """{'L1': [0, 3], 'L2': []} -> 'L1: h0,h3; L2: -' for tables."""
+    return "; ".join(f"{k}: {','.join(f'h{h}' for h in v) or '-'}" for k, v in heads.items())
+
+
 def gated_kept_heads_text(mask: np.ndarray, gated: list[int]) -> str:
     """'L1: h0,h3; L2: -; L3: h2,h5' for tables."""
-    return "; ".join(f"{k}: {','.join(f'h{h}' for h in v) or '-'}" for k, v in gated_kept_heads(mask, gated).items())
+    return kept_heads_text(gated_kept_heads(mask, gated))
 
 
 class MaskEval:

@@ -1,5 +1,5 @@
-"""Rendering of a steering report: report.md (summary, global-mask comparison, routes, self-reference) and the
-two plots, and the markdown of a stand-alone global-mask baseline file."""
+"""Rendering of a steering report: report.md (summary, global-mask comparison, spotlight, routes, self-reference)
+and the two plots, and the markdown of a stand-alone global-mask baseline file."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from .masks import gated_kept_heads_text
-from .spotlight import spotlight_lines
+from .masks import gated_kept_heads_text, kept_heads_text
 
-__all__ = ["write_markdown", "write_plots", "global_mask_lines", "write_baseline_markdown"]
+__all__ = ["write_markdown", "write_plots", "global_mask_lines", "spotlight_lines", "write_baseline_markdown"]
 
 
 def _pct(x: Optional[float]) -> str:
@@ -196,3 +195,42 @@ def write_baseline_markdown(path: Path, baseline: dict, report_path: str) -> Non
         L += [f"| {p['name']} | {p['n']} | {_pct(p['route_acc'])} | {_pct(p['global_acc'])} |"
               for p in g["test"]["per_route"]]
     Path(path).write_text("\n".join(L) + "\n")
+
+
+def spotlight_lines(sp: dict) -> list[str]:
+    u, s = sp["unsteered"], sp["steered"]
+    ci = lambda e: f"[{_pct(e['acc_ci95'][0])}, {_pct(e['acc_ci95'][1])}]"  # noqa: E731
+    L = [f"## Spotlight: {sp['name']} (test, {sp['test_images']} images)", "",
+         "| | head usage | accuracy [95% Wilson] | kept heads per gated layer |", "|---|---|---|---|"]
+    p = sp.get("paper")
+    if p:
+        L.append(f"| paper ({p['source']}): before -> after | {p['usage_before']:.2f} -> {p['usage_after']:.2f} | "
+                 f"{_pct(p['acc_before'])} -> {_pct(p['acc_after'])} | {p['kept_heads']} |")
+    if sp.get("full_model_acc") is not None:
+        L.append(f"| full model | 1.000 | {_pct(sp['full_model_acc'])} | every head |")
+    L += [f"| unsteered static mask (alpha = 1) | {u['head_usage']:.3f} | {_pct(u['acc'])} {ci(u)} | "
+          f"{kept_heads_text(u['kept_heads'])} |",
+          f"| steered (label-based, k {s['k']}, alpha {s['alpha']:g}) | {s['head_usage']:.3f} | {_pct(s['acc'])} "
+          f"{ci(s)} | {kept_heads_text(s['kept_heads'])} |"]
+    lf = sp.get("label_free")
+    if lf:
+        L.append(f"| steered (label-free, k {lf['k']}, alpha {lf['alpha']:g}) | {lf['head_usage']:.3f} | "
+                 f"{_pct(lf['acc'])} {ci(lf)} | {kept_heads_text(lf['kept_heads'])} |")
+    pv = sp["paired_vs_unsteered"]
+    L += ["", f"Steered against unsteered on the same images: {pv['fixed']} fixed, {pv['broken']} broken, "
+              f"McNemar p = {pv['mcnemar_p']:.3g}. "
+              + ("Accuracy up and usage down: the paper's phenomenon." if sp["shows_paper_phenomenon"]
+                 else "Not the paper's phenomenon (it needs accuracy up and usage down).")]
+    L += ["", "Latents steered (label-based): "
+          + "; ".join(f"{layer}: {', '.join(map(str, ids))}" for layer, ids in s["latents"].items()) + "."]
+    if lf:
+        common = {k: v for k, v in lf["latents_in_common"].items() if v}
+        L += [f"Label-free latents in common with them: "
+              + ("; ".join(f"{layer}: {', '.join(map(str, ids))}" for layer, ids in common.items()) if common else "none")
+              + f"; same static mask: {'yes' if lf['same_mask'] else 'no'}."]
+    ref = sp.get("self_reference")
+    if ref:
+        L += ["Self-reference for this class (label-free top latents vs label-based top latents, precision@k): "
+              + "; ".join(f"{layer}: " + ", ".join(f"@{k} {v:.2f}" for k, v in r["precision_at_k"].items())
+                          for layer, r in ref.items()) + "."]
+    return L + [""]

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--amp", choices=["auto", "none", "bf16"],
+    p.add_argument("--amp", choices=["auto", "none", "bf16"],  # training.device.AMP_MODES (torch-free here)
                    help="bf16 autocast: auto = where the device has native bf16 (default of the cifar presets)")
     p.add_argument("--policy-epochs", type=int)
     p.add_argument("--target-usage", type=float)

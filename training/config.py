@@ -7,6 +7,7 @@ from typing import Optional
 from steerprune.errors import UserError
 
 from .data import SPLIT_METHODS, DataBundle
+from .device import AMP_MODES
 from .model import PRESETS, BackboneConfig
 
 __all__ = ["TrainConfig", "backbone_config_for"]
@@ -92,8 +93,8 @@ class TrainConfig:
     """Augmented passes over train when collecting CLS vectors (one vector per image is few)."""
 
     def __post_init__(self):
-        if self.amp not in ("auto", "none", "bf16"):
-            raise UserError(f"amp must be 'auto', 'none' or 'bf16', got {self.amp!r}")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if not 0.0 <= self.policy_noise_end <= 1.0:
             raise UserError(f"policy_noise_end must be in [0, 1], got {self.policy_noise_end}")
         if self.finetune_lr is not None and self.finetune_lr <= 0:

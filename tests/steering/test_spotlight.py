@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from steerprune.steering.spotlight import PAPER_FIGURES, spotlight, spotlight_lines
+from steerprune.steering.render import spotlight_lines
+from steerprune.steering.spotlight import PAPER_FIGURES, spotlight
 from steerprune.training.metrics import binomial_ci
 
 REPORT = Path(__file__).resolve().parents[2] / "examples" / "cifar10" / "steering" / "report.json"
