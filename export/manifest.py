@@ -29,6 +29,7 @@ from .runtime import ort_session
 __all__ = [
     "SCHEMA_VERSION", "INPUT_NAME", "OUTPUT_NAME", "MANIFEST", "SAMPLES_FILE", "VERIFY_TOL", "BundleError",
     "SUPPORTED_SCHEMAS", "sha256_file", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
+    "verify_files", "check_parity", "open_session",
     "model_paths",
 ]
 
@@ -188,10 +189,11 @@ def model_paths(manifest: dict) -> list[str]:
     return [manifest["full"]["model"]] + [p for p in manifest["models"] if p != manifest["full"]["model"]]
 
 
-def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> dict:
-    """Re-check every file's sha256, load every model in ONNX Runtime and re-run parity on the stored samples.
+def verify_files(bundle_dir: str | Path) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+    """Re-check the sha256 of the samples file and of every model file (and its fp16 copy) against the manifest.
 
-    Returns {"models": {path: {"max_abs": float, "outputs": int}}, "ok": True}; raises BundleError on any mismatch.
+    Returns (manifest, samples {array name: array}, {model path: sha256}); raises BundleError on any mismatch.
+    Opens no model in ONNX Runtime: `check_parity` does that on sessions the caller chooses.
     """
     bundle_dir = Path(bundle_dir).expanduser()
     m = load_manifest(bundle_dir)
@@ -207,14 +209,12 @@ def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> 
         _fail(f"cannot read {m['samples']['file']}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if m["samples"]["inputs"] not in samples:
         _fail(f"{m['samples']['file']} lacks the inputs array {m['samples']['inputs']!r}")
-    x = samples[m["samples"]["inputs"]]
-    name_in, name_out = m["input"]["input_name"], m["input"]["output_name"]
-    report = {}
+    digests = {}
     for rel in model_paths(m):
         path = bundle_dir / rel
         if not path.is_file():
             _fail(f"manifest points to a missing model file: {rel}")
-        digest = sha256_file(path)
+        digests[rel] = digest = sha256_file(path)
         if digest != m["models"][rel]["sha256"]:
             _fail(f"{rel}: sha256 mismatch (file changed or corrupt): expected {m['models'][rel]['sha256'][:12]}..., "
                   f"found {digest[:12]}...")
@@ -226,22 +226,49 @@ def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> 
                 _fail(f"manifest points to a missing model file: {half['model']}")
             if sha256_file(hp) != half["sha256"]:
                 _fail(f"{half['model']}: sha256 mismatch (file changed or corrupt)")
-        try:
-            sess = ort_session(path, threads=1)
-        except Exception as e:  # noqa: BLE001 - ORT raises several types for bad models
-            _fail(f"{rel}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}")
-        if [i.name for i in sess.get_inputs()] != [name_in] or name_out not in [o.name for o in sess.get_outputs()]:
-            _fail(f"{rel}: expected input {name_in!r} and output {name_out!r}")
-        key = m["samples"]["logits"].get(rel)
-        if key is None or key not in samples:
-            _fail(f"{m['samples']['file']} has no expected logits for {rel}")
-        got = sess.run([name_out], {name_in: x})[0]
-        diff = max_abs_diff(got, samples[key])
-        if got.shape[-1] != len(m["classes"]):
-            _fail(f"{rel}: outputs {got.shape[-1]} logits but the manifest lists {len(m['classes'])} classes")
-        if not diff <= tol:
-            _fail(f"{rel}: logits differ from the stored samples by {diff:.3g} (> {tol:g})")
-        report[rel] = {"max_abs": diff, "outputs": int(got.shape[-1])}
+    return m, samples, digests
+
+
+def check_parity(manifest: dict, samples: dict[str, np.ndarray], rel: str, sess, tol: float = VERIFY_TOL) -> dict:
+    """Run one loaded session on the stored sample inputs and compare with the logits export stored for `rel`.
+
+    Returns {"max_abs": float, "outputs": int}; raises BundleError on wrong input/output names, a wrong number of
+    classes or logits further than `tol` from the stored ones.
+    """
+    m = manifest
+    name_in, name_out = m["input"]["input_name"], m["input"]["output_name"]
+    if [i.name for i in sess.get_inputs()] != [name_in] or name_out not in [o.name for o in sess.get_outputs()]:
+        _fail(f"{rel}: expected input {name_in!r} and output {name_out!r}")
+    key = m["samples"]["logits"].get(rel)
+    if key is None or key not in samples:
+        _fail(f"{m['samples']['file']} has no expected logits for {rel}")
+    got = sess.run([name_out], {name_in: samples[m["samples"]["inputs"]]})[0]
+    if got.shape[-1] != len(m["classes"]):
+        _fail(f"{rel}: outputs {got.shape[-1]} logits but the manifest lists {len(m['classes'])} classes")
+    diff = max_abs_diff(got, samples[key])
+    if not diff <= tol:
+        _fail(f"{rel}: logits differ from the stored samples by {diff:.3g} (> {tol:g})")
+    return {"max_abs": diff, "outputs": int(got.shape[-1])}
+
+
+def open_session(bundle_dir: str | Path, rel: str, **kwargs):
+    """ort_session for one of the bundle's models; a model ONNX Runtime cannot load is a BundleError."""
+    try:
+        return ort_session(Path(bundle_dir).expanduser() / rel, **kwargs)
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for bad models
+        _fail(f"{rel}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}")
+
+
+def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> dict:
+    """Re-check every file's sha256, load every model in ONNX Runtime and re-run parity on the stored samples.
+
+    Returns {"models": {path: {"max_abs": float, "outputs": int}}, "ok": True}; raises BundleError on any mismatch.
+    """
+    m, samples, digests = verify_files(bundle_dir)
+    n = len(samples[m["samples"]["inputs"]])
+    report = {}
+    for rel in model_paths(m):
+        report[rel] = check_parity(m, samples, rel, open_session(bundle_dir, rel, threads=1), tol)
         if log:
-            log(f"ok  {rel}  sha256 {digest[:12]}  max |diff| {diff:.2e} on {len(x)} samples")
+            log(f"ok  {rel}  sha256 {digests[rel][:12]}  max |diff| {report[rel]['max_abs']:.2e} on {n} samples")
     return {"models": report, "ok": True}

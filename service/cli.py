@@ -202,6 +202,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="full garbage collections on this clock while --gc-young-ms runs")
     p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
+    p.add_argument("--warmup", choices=["auto", "all", "light"], default="auto",
+                   help="all: every model at every warmed batch size; light: the full model at every size, route "
+                        "models at batch 1 (default auto: all with CUDA, light on the CPU; see docs/serving.md)")
     p.add_argument("--inline-ms", type=float, default=1.0,
                    help="run batches expected to take at most this many ms (warm-up timings) on the event loop "
                         "instead of a thread (0: always a thread; see docs/serving.md)")
@@ -231,7 +234,7 @@ def _serve(args) -> int:
                   gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
                   gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
                   max_wait_ms=args.max_wait_ms, concurrency=args.concurrency,
-                  shared_arena=args.shared_arena, share_weights=args.share_weights)
+                  shared_arena=args.shared_arena, share_weights=args.share_weights, warmup=args.warmup)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

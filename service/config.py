@@ -53,6 +53,10 @@ class ServeConfig:
     memory for many routes against some speed per run. Needs the onnx package."""
     warmup_rounds: int = 3
     """Warm-up runs per session and batch size before /readyz turns ready."""
+    warmup: str = "auto"
+    """all: every session runs at every warmed batch size | light: the full model at every size, every other model
+    at batch 1 only (its time at larger sizes, used to bound queued work, is the full model's x its FLOPs relative
+    to full) | auto: all with CUDA (a first run at a new shape can cost a kernel search), light on the CPU."""
     pad_batches: str = "auto"
     """Pad each model run's batch with zero images up to the next warmed size (powers of two up to max_batch_size),
     so a session never meets a batch size it has not seen: on | off | auto (on with CUDA, where a new input shape
@@ -112,7 +116,8 @@ class ServeConfig:
     def __post_init__(self):
         choices = {"device": ("auto", "cpu", "cuda"), "hint_mode": ("verify", "trust"),
                    "unknown_hint": ("error", "full"), "batcher": ("greedy", "bentoml"),
-                   "pad_batches": ("auto", "on", "off"), "acceptance": ("route", "global")}
+                   "pad_batches": ("auto", "on", "off"), "acceptance": ("route", "global"),
+                   "warmup": ("auto", "all", "light")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from steerprune.errors import UserError
 from steerprune.export.acceptance import AcceptRule, accepted, answer_index, softmax
-from steerprune.export.runtime import cuda_built, gpu_visible, ort_session
+from steerprune.export.runtime import cuda_built, gpu_visible
 from steerprune.export.session_memory import SharedInitializers
 
 from .config import ServeConfig
@@ -72,14 +72,18 @@ class Engine:
     """Load a bundle's models and answer batches of preprocessed images routed by hint."""
 
     def __init__(self, cfg: ServeConfig, log_fn=None):
-        from steerprune.export.manifest import load_manifest, model_paths, verify_bundle
+        from steerprune.export.manifest import (check_parity, load_manifest, model_paths, open_session, verify_bundle,
+                                                verify_files)
 
         self.cfg = cfg
         self.bundle = Path(cfg.bundle).expanduser().resolve()
         say = log_fn or log.info
-        if cfg.verify:  # sha256 of every file + stored-sample parity; raises BundleError with the reason
-            verify_bundle(self.bundle, log=say)
-        self.manifest = m = load_manifest(self.bundle)
+        samples = None
+        if cfg.verify:  # sha256 of every file now (raises BundleError with the reason); sample parity below
+            self.manifest, samples, digests = verify_files(self.bundle)
+        else:
+            self.manifest = load_manifest(self.bundle)
+        m = self.manifest
         self.spec = InputSpec.from_manifest(m["input"])
         self.classes: list[str] = list(m["classes"])
         self.input_name, self.output_name = m["input"]["input_name"], m["input"]["output_name"]
@@ -119,11 +123,18 @@ class Engine:
             st = self.shared.stats
             say(f"weights shared across {st.models} sessions: {st.distinct} distinct tensors, {st.held_mb:.1f} MB held "
                 f"for {st.total_mb:.1f} MB of initializers")
+        if samples is not None and device == "cuda":
+            # the stored logits are the CPU's: checked on CPU sessions, since CUDA kernels round differently
+            verify_bundle(self.bundle, log=say)
         for rel in paths:
             # require_device off: a session that fell back to the CPU becomes a readiness problem, not a crash
-            sess = ort_session(self.bundle / rel, threads=cfg.threads or None, device=device, require_device=False,
-                               log=log.warning, env_allocator=cfg.shared_arena,
-                               initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
+            sess = open_session(self.bundle, rel, threads=cfg.threads or None, device=device, require_device=False,
+                                log=log.warning, env_allocator=cfg.shared_arena,
+                                initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
+            if samples is not None and device == "cpu":  # parity of the very sessions that will serve
+                par = check_parity(m, samples, rel, sess)
+                say(f"ok  {rel}  sha256 {digests[rel][:12]}  max |diff| {par['max_abs']:.2e} on "
+                    f"{len(samples[m['samples']['inputs']])} samples")
             self.sessions[rel] = sess
             self.providers[rel] = sess.get_providers()
             if self.requested_cuda and "CUDAExecutionProvider" not in self.providers[rel]:
@@ -136,6 +147,7 @@ class Engine:
         self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda")
         self.warm_sizes = warm_sizes(cfg.max_batch_size)
         self.run_ms: dict[str, dict[int, float]] = {}  # model -> batch size -> ms per run, filled by warm_up
+        self.run_ms_estimated: dict[str, list[int]] = {}  # model -> sizes of run_ms estimated from FLOPs (light warm-up)
         self.measured_cost: dict[str, float] = {}  # route -> right-hint cost vs unhinted here, by unserve_costlier
         self.unserved_why: dict[str, str] = {}  # route -> why unserve_costlier stopped serving it
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
@@ -222,16 +234,22 @@ class Engine:
                        routed.get(i), int(index[i])) for i, r in enumerate(routes)]
 
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
-        """Run every session at every power-of-two batch size up to max_batch_size; returns seconds taken.
+        """Run the sessions `rounds` times per batch size (powers of two up to max_batch_size); returns seconds taken.
 
-        Also records each model's ms per run at each of those sizes (median of the rounds after the first) in
-        `run_ms`, which `expected_ms` reads.
+        Records each model's ms per run at each of those sizes (median of the rounds after the first) in `run_ms`,
+        which `expected_ms` reads. Scope (cfg.warmup, 'auto' = 'all' on CUDA, 'light' on the CPU): 'all' runs every
+        session at every size; 'light' runs the full model at every size and every other model at batch 1 only, and
+        fills in a route model's larger sizes as the full model's time x the model's FLOPs relative to full (listed in
+        `run_ms_estimated`). On the CPU a session's first run at a new batch size is no slower than its next ones,
+        while warming 100 route models at 7 sizes took minutes.
         """
         t0 = time.perf_counter()
         s = self.spec.img_size
         c = 1 if self.spec.color_mode == "L" else 3
+        light = self.cfg.warmup == "light" or (self.cfg.warmup == "auto" and self.device != "cuda")
+        sizes = warm_sizes(max_batch_size)
         for model in self.sessions:
-            for b in warm_sizes(max_batch_size):
+            for b in (sizes if model == self.full_model or not light else sizes[:1]):
                 x = np.zeros((b, c, s, s), np.float32)
                 times = []
                 for _ in range(rounds):
@@ -240,6 +258,15 @@ class Engine:
                     times.append((time.perf_counter() - t) * 1000.0)
                 if times:
                     self.run_ms.setdefault(model, {})[b] = round(float(np.median(times[1:] or times)), 4)
+        full = self.run_ms.get(self.full_model, {})
+        if light and full:
+            for model in self.sessions:
+                rel = float(self.manifest["models"][model]["flops_rel"])
+                missing = [b for b in sizes if b not in self.run_ms.get(model, {}) and b in full]
+                for b in missing:
+                    self.run_ms.setdefault(model, {})[b] = round(full[b] * rel, 4)
+                if missing:
+                    self.run_ms_estimated[model] = missing
         return time.perf_counter() - t0
 
     def unserve_costlier(self) -> list[str]:

@@ -420,7 +420,8 @@ async def routes_endpoint(request: Request):
         return JSONResponse({"error": "service is starting"}, status_code=503)
     return JSONResponse(dict(svc.listing, ready=svc.ready, batcher=svc.cfg.batcher,
                              max_batch_size=svc.cfg.max_batch_size, warmup_seconds=svc.warmup_seconds,
-                             inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms,
+                             inline_ms=svc.cfg.inline_ms, warm_run_ms=svc.engine.run_ms, warmup=svc.cfg.warmup,
+                             warm_run_ms_estimated=svc.engine.run_ms_estimated,
                              max_queue=svc.cfg.max_queue, max_wait_ms=svc.cfg.max_wait_ms,
                              expected_ms_per_image=svc.item_ms,
                              gc_threshold=list(gc.get_threshold()),

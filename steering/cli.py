@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, help="fraction of a route's val images that must keep a head (default 0.5)")
     p.add_argument("--aggregate", choices=["vote", "prob"], help="static mask from votes (default) or mean keep-prob")
     p.add_argument("--eps", type=float, help="allowed route val accuracy drop when choosing alpha (default 0)")
+    p.add_argument("--choose", choices=["route", "group", "all"],
+                   help="who shares one (k, alpha): each route alone on its own val images (default), the routes of "
+                        "one class group on their pooled val statistics (the dataset's groups, e.g. CIFAR-100 "
+                        "superclasses, or --groups), or all routes")
     p.add_argument("--zero-shot-pool", type=int, help="label-free: order the N latents most aligned with the class "
                    "direction by their effect on the policy over the images the model predicts as the class (0: cosine "
                    "alone)")
@@ -96,7 +100,7 @@ def _steer(args) -> int:
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
     opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps",
-                                          "seed", "zero_shot_pool", "spotlight")
+                                          "seed", "zero_shot_pool", "spotlight", "choose")
             if getattr(args, k) is not None}
     if args.no_label_free:
         opts["compare_label_free"] = False

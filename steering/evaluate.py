@@ -74,5 +74,9 @@ def evaluate_plans(run, plans: list[RoutePlan], test: Split, cfg: SteerConfig, l
                         "head_usage": float(dyn.masks[on_all][:, gated].mean())},
             "paired_vs_baseline": {"fixed": fixed, "broken": broken, "mcnemar_p": mcnemar_p(fixed, broken)},
             "val": p.val,
+            # each choice rule's pick for this route, its route accuracy on the same test images
+            "choice_rules": {rule: {"k": c.k, "alpha": c.alpha, "head_usage": c.usage, "val_acc": c.val_acc,
+                                    "acc": float((ev.preds(c.mask, on) == ev.labels[on]).mean())}
+                             for rule, c in p.alternatives.items()},
         })
     return rows

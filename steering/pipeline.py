@@ -55,13 +55,16 @@ def steer_run(run_dir: str | Path, strategy: str = "per-class", groups_path: Opt
     val = ValData(data.val.images, data.val.labels)
     train = ValData(data.train.images, data.train.labels)  # ranks latents (importance); never chooses
     shared: dict = {}  # strategy-independent forwards, computed once for both plannings
-    plans = plan_routes(run, val, routes, cfg, log=log, shared=shared, rank_data=train)
+    pools = groups if groups is not None else data.groups  # who shares (k, alpha) under choose 'group'
+    if cfg.choose == "group" and not pools:
+        raise UserError(f"--choose group needs class groups: {data.spec} has none of its own; pass --groups FILE")
+    plans = plan_routes(run, val, routes, cfg, log=log, shared=shared, rank_data=train, pools=pools)
     forwards = forwards_on_test(run, data.test)  # kept apart from `shared`: the planner never sees test data
     rows = evaluate_plans(run, plans, data.test, cfg, log=log, forwards=forwards)
     label_free = None
     if cfg.compare_label_free and strategy == "per-class":
         lf_plans = plan_routes(run, val, routes, cfg, strategy="zero-shot", log=log, shared=shared,
-                               rank_data=train)
+                               rank_data=train, pools=pools)
         label_free = evaluate_plans(run, lf_plans, data.test, cfg, log=log, forwards=forwards)
     zero_shot = self_reference(run, data.val, data.test, data.class_names, layers, cfg.ref_ks,
                                val_forward=shared["base"], test_forward=forwards["dynamic"])

@@ -24,10 +24,11 @@ from .steer import (Steering, class_directions, encode_layers, head_importance, 
                     weighted_effects, rank_contrast, rank_effect, rank_usage, rank_zero_shot, route_direction, steer_fn,
                     top_k)
 
-__all__ = ["STRATEGIES", "RANKINGS", "SteerConfig", "RouteSpec", "RoutePlan", "make_routes", "load_groups", "plan_routes"]
+__all__ = ["STRATEGIES", "RANKINGS", "CHOICE_POOLS", "SteerConfig", "choice_pools", "RouteSpec", "RoutePlan", "make_routes", "load_groups", "plan_routes"]
 
 STRATEGIES = ("per-class", "zero-shot", "global", "random")
 RANKINGS = ("contrast", "effect", "importance")
+CHOICE_POOLS = ("route", "group", "all")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class SteerConfig:
     """'vote' (fraction of images keeping the head) or 'prob' (mean keep probability)."""
     eps: float = 0.0
     """Selection rule: route val accuracy may be at most eps below the unsteered static mask's."""
+    choose: str = "route"
+    """Who shares a (k, alpha) choice, each route keeping its own latents: route (each route chooses alone on its
+    own val images) | group (the routes of one class group, e.g. a CIFAR-100 superclass, choose one (k, alpha) on
+    their pooled val statistics: mean usage, mean accuracy against mean unsteered accuracy; needs groups) | all
+    (every route one (k, alpha)). Pooling trades each route's fit for a choice made on more images. The global
+    strategy always pools over all routes."""
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98,
                                                              0.99, 0.995, 0.999])
     """Keep thresholds the no-SAE control may raise to (combined with control_taus)."""
@@ -78,6 +85,8 @@ class SteerConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.choose not in CHOICE_POOLS:
+            raise UserError(f"choose must be one of {', '.join(CHOICE_POOLS)}, got {self.choose!r}")
         if self.rank not in RANKINGS:
             raise UserError(f"rank must be one of {', '.join(RANKINGS)}, got {self.rank!r}")
         if self.aggregate not in AGGREGATES:
@@ -118,6 +127,7 @@ class RoutePlan(NamedTuple):
     threshold_mask: np.ndarray
     threshold_setting: dict  # keep_threshold and tau of the matched no-SAE control
     val: dict  # val figures: n, baseline/steered acc and usage, candidates tried
+    alternatives: dict  # choice rule (CHOICE_POOLS) -> the Candidate that rule picks for this route
 
 
 # ---------------------------------------------------------------------------------------------- routes
@@ -249,8 +259,44 @@ def _steered_mask(run, val: ValData, idx: np.ndarray, steering: Steering, cfg: S
     return aggregate(f.masks, f.keep_logits, gated, cfg.tau, cfg.aggregate)
 
 
+def choice_pools(routes: list[RouteSpec], choose: str, pools: Optional[dict[str, list[int]]] = None
+                 ) -> list[list[str]]:
+    """Route names that choose one (k, alpha) together. choose 'group': each pool is the routes whose classes all lie
+    in one of `pools` ({group: class indices}); a route spanning groups, or in none, chooses alone."""
+    if choose == "route":
+        return [[r.name] for r in routes]
+    if choose == "all":
+        return [[r.name for r in routes]]
+    if not pools:
+        raise UserError("choose 'group' needs class groups (the dataset's own, e.g. CIFAR-100's, or --groups FILE)")
+    out: dict[str, list[str]] = {}
+    for r in routes:
+        home = [g for g, members in pools.items() if set(r.classes) <= set(members)]
+        out.setdefault(home[0] if len(home) == 1 else f"route:{r.name}", []).append(r.name)
+    return list(out.values())
+
+
+def _choose(cands: dict[str, list[Candidate]], base_acc: dict[str, float], pools: list[list[str]], eps: float
+            ) -> dict[str, Candidate]:
+    """Each pool's pick: alone, the route's own rule; pooled, one (k, alpha) with the lowest mean usage whose mean
+    route val accuracy is >= the mean unsteered accuracy - eps (candidates are in the same (k, alpha) order)."""
+    chosen = {}
+    for names in pools:
+        if len(names) == 1:
+            chosen[names[0]] = select_candidate(cands[names[0]], base_acc[names[0]], eps)
+            continue
+        keys = [(c.k, c.alpha) for c in cands[names[0]]]
+        pooled = [Candidate(k, a, {}, None, float(np.mean([cands[n][i].usage for n in names])),
+                            float(np.mean([cands[n][i].val_acc for n in names])))
+                  for i, (k, a) in enumerate(keys)]
+        g = select_candidate(pooled, float(np.mean([base_acc[n] for n in names])), eps)
+        chosen.update({n: cands[n][keys.index((g.k, g.alpha))] for n in names})
+    return chosen
+
+
 def plan_routes(run, val: ValData, routes: list[RouteSpec], cfg: SteerConfig, strategy: Optional[str] = None,
-                log=print, shared: Optional[dict] = None, rank_data: Optional[ValData] = None) -> list[RoutePlan]:
+                log=print, shared: Optional[dict] = None, rank_data: Optional[ValData] = None,
+                pools: Optional[dict[str, list[int]]] = None) -> list[RoutePlan]:
     """Choose latents, k and alpha per route (or once, for 'global') on val, and derive every static mask.
 
     rank_data: the train split (or any labelled images other than val) on which the `importance` ranking measures
@@ -258,7 +304,7 @@ def plan_routes(run, val: ValData, routes: list[RouteSpec], cfg: SteerConfig, st
 
     shared: a dict reused across calls on the same run and val split (e.g. label-based then label-free planning):
     it keeps the unsteered forward, the threshold control's forwards and the mask accuracies, which do not depend
-    on the strategy."""
+    on the strategy. pools: {group: class indices} for cfg.choose 'group' (`choice_pools`)."""
     shared = {} if shared is None else shared
     strategy = strategy or cfg.strategy
     gated = run.policy.cfg.gated_layers
@@ -293,17 +339,10 @@ def plan_routes(run, val: ValData, routes: list[RouteSpec], cfg: SteerConfig, st
                 m = _steered_mask(run, val, idx, Steering(lat, alpha), cfg)
                 cands[r.name].append(Candidate(k, alpha, lat, m, head_usage(m, gated), evals.acc(m, idx)))
 
-    if strategy == "global":
-        # one (k, alpha) for all routes: lowest mean usage with mean route val accuracy >= baseline mean - eps
-        keys = [(c.k, c.alpha) for c in cands[routes[0].name]]
-        pooled = [Candidate(k, a, cands[routes[0].name][i].latents, None,
-                            float(np.mean([cands[r.name][i].usage for r in routes])),
-                            float(np.mean([cands[r.name][i].val_acc for r in routes])))
-                  for i, (k, a) in enumerate(keys)]
-        g = select_candidate(pooled, float(np.mean(list(base_acc.values()))), cfg.eps)
-        chosen = {r.name: cands[r.name][keys.index((g.k, g.alpha))] for r in routes}
-    else:
-        chosen = {r.name: select_candidate(cands[r.name], base_acc[r.name], cfg.eps) for r in routes}
+    # what every choice rule would pick (the report compares them on test); the configured one is used
+    rules = [c for c in CHOICE_POOLS if c != "group" or pools or cfg.choose == "group"]  # no groups: says so
+    alternatives = {rule: _choose(cands, base_acc, choice_pools(routes, rule, pools), cfg.eps) for rule in rules}
+    chosen = alternatives["all" if strategy == "global" else cfg.choose]
 
     if "decisions" not in shared:
         shared["decisions"] = threshold_candidates(run.model, val, run.backbone, cfg.thresholds)
@@ -324,7 +363,8 @@ def plan_routes(run, val: ValData, routes: list[RouteSpec], cfg: SteerConfig, st
                  "acc": c.val_acc, "usage": c.usage, "random_acc": evals.acc(rand_mask, idx),
                  "random_usage": head_usage(rand_mask, gated), "threshold_acc": evals.acc(thr_mask, idx),
                  "threshold_usage": head_usage(thr_mask, gated),
-                 "candidates": [[c2.k, c2.alpha, round(c2.usage, 4), round(c2.val_acc, 4)] for c2 in cands[r.name]]}))
+                 "candidates": [[c2.k, c2.alpha, round(c2.usage, 4), round(c2.val_acc, 4)] for c2 in cands[r.name]]},
+            alternatives={rule: picks[r.name] for rule, picks in alternatives.items()}))
         log(f"  {strategy} {r.name}: k={c.k} alpha={c.alpha:g} val usage {plans[-1].val['baseline_usage']:.3f} -> "
             f"{c.usage:.3f}, val acc {base_acc[r.name]:.3f} -> {c.val_acc:.3f}")
     return plans

@@ -58,6 +58,26 @@ def write_markdown(path: Path, report: dict) -> None:
           f"steering better on {th['steered_better']}, equal on {th['steered_equal']}, worse on {th['steered_worse']}"
           + (f" (mean difference {100 * th['mean_acc_diff_matched']:+.1f} points)." if th["mean_acc_diff_matched"] is not None else "."),
           ""]
+    vt = s.get("val_vs_test")
+    if vt and vt["routes_steered"]:
+        rho = f"Spearman {vt['spearman']:+.2f} (p {vt['spearman_p']:.2g})" if vt["spearman"] is not None else "no rank correlation (too few routes or no spread)"
+        L += [f"Val vs test (choice rule `{cfg.get('choose', 'route')}`, {vt['routes_steered']} steered routes): mean "
+              f"accuracy gain over the unsteered mask {100 * vt['mean_val_gain']:+.1f} points on val, "
+              f"{100 * vt['mean_test_gain']:+.1f} on test (optimism {100 * vt['optimism']:.1f} points); the test gain "
+              f"has the val gain's sign on {_pct(vt['sign_agreement'])} of them and is negative on "
+              f"{vt['test_gain_negative']}; {rho}.", ""]
+    rules = s.get("choice_rules") or {}
+    if len(rules) > 1:
+        L += ["Every choice rule on the same candidates (route: each route alone on its val images; group: one (k, "
+              "alpha) per class group on pooled val statistics; all: one for every route):", "",
+              "| choice rule | distinct (k, alpha) | mean usage | mean route acc, val | mean route acc, test | "
+              "val gain | test gain | sign agreement |", "|---|---|---|---|---|---|---|---|"]
+        for rule, c in rules.items():
+            gain = lambda x: f"{100 * x:+.1f}" if x is not None else ""  # noqa: E731
+            L.append(f"| {'**' + rule + '**' if rule == cfg.get('choose', 'route') else rule} | {c['distinct_k_alpha']} | "
+                     f"{c['mean_usage']:.3f} | {_pct(c['mean_val_acc'])} | {_pct(c['mean_acc'])} | "
+                     f"{gain(c['mean_val_gain'])} | {gain(c['mean_test_gain'])} | {_pct(c['sign_agreement'])} |")
+        L.append("")
     if "global_mask" in report:
         L += global_mask_lines(report["global_mask"]) + [""]
     for sp in report.get("spotlight", []):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "val_test_agreement", "choice_rule_summary"]
 
 
 def summarize(rows: list[dict], label_free: Optional[list[dict]] = None, global_mask: Optional[dict] = None) -> dict:
@@ -43,6 +43,8 @@ def summarize(rows: list[dict], label_free: Optional[list[dict]] = None, global_
         "routes_acc_down_p05": sum(r["acc"] < r["baseline"]["acc"] and r["paired_vs_baseline"]["mcnemar_p"] < 0.05
                                    for r in rows),
     }
+    s["val_vs_test"] = val_test_agreement(rows)
+    s["choice_rules"] = {rule: choice_rule_summary(rows, rule) for rule in (rows[0].get("choice_rules") or {})}
     if label_free is not None:
         lf_u = float(np.mean([r["head_usage"] for r in label_free]))
         s["label_free"] = {"mean_usage_after": lf_u, "mean_acc_after": float(np.mean([r["acc"] for r in label_free])),
@@ -53,3 +55,41 @@ def summarize(rows: list[dict], label_free: Optional[list[dict]] = None, global_
     return s
 
 
+
+
+def choice_rule_summary(rows: list[dict], rule: str) -> dict:
+    """One choice rule's picks over every route (row["choice_rules"][rule]): mean usage, mean route accuracy on val
+    and on test, and how its val gains held on test (`val_test_agreement`)."""
+    picks = [r["choice_rules"][rule] for r in rows]
+    as_rows = [{"alpha": c["alpha"], "acc": c["acc"], "baseline": {"acc": r["baseline"]["acc"]},
+                "val": {"acc": c["val_acc"], "baseline_acc": r["val"]["baseline_acc"]}} for r, c in zip(rows, picks)]
+    return {"mean_usage": float(np.mean([c["head_usage"] for c in picks])),
+            "mean_val_acc": float(np.mean([c["val_acc"] for c in picks])),
+            "mean_acc": float(np.mean([c["acc"] for c in picks])),
+            "distinct_k_alpha": len({(c["k"], c["alpha"]) for c in picks}),
+            **val_test_agreement(as_rows)}
+
+
+def val_test_agreement(rows: list[dict]) -> dict:
+    """How well the choices made on val hold on test, over the routes that chose alpha != 1: per route the steered
+    minus unsteered accuracy on its val images (where k and alpha were chosen) against the same difference on its
+    test images. The usage a mask gives is the same on both splits (static masks), so only accuracy can disagree.
+
+    optimism: mean val gain - mean test gain (what choosing the best of many candidates on few images adds);
+    sign_agreement: fraction of steered routes whose test gain has the sign of their val gain (0 counts as a sign);
+    spearman: rank correlation of val and test gains across steered routes (None with fewer than 3 or no spread)."""
+    from scipy.stats import spearmanr
+
+    st = [r for r in rows if r["alpha"] != 1.0]
+    dv = np.array([r["val"]["acc"] - r["val"]["baseline_acc"] for r in st], dtype=np.float64)
+    dt = np.array([r["acc"] - r["baseline"]["acc"] for r in st], dtype=np.float64)
+    out = {"routes_steered": len(st), "mean_val_gain": float(dv.mean()) if len(st) else None,
+           "mean_test_gain": float(dt.mean()) if len(st) else None,
+           "optimism": float(dv.mean() - dt.mean()) if len(st) else None,
+           "sign_agreement": float(np.mean(np.sign(dv) == np.sign(dt))) if len(st) else None,
+           "test_gain_negative": int((dt < 0).sum()), "val_gain_negative": int((dv < 0).sum()),
+           "spearman": None, "spearman_p": None}
+    if len(st) >= 3 and np.ptp(dv) > 0 and np.ptp(dt) > 0:
+        res = spearmanr(dv, dt)
+        out["spearman"], out["spearman_p"] = float(res.statistic), float(res.pvalue)
+    return out

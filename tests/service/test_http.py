@@ -88,6 +88,8 @@ def test_probes_and_routes_listing(server, tiny_bundle):
     assert body["inline_ms"] == 1.0 and set(body["warm_run_ms"]) == set(body["sessions"])
     assert all(set(t) == {str(b) for b in body["warm_batch_sizes"]} and all(v > 0 for v in t.values())
                for t in body["warm_run_ms"].values())
+    # light warm-up on the CPU: route models timed at batch 1, their larger sizes estimated from FLOPs
+    assert body["warmup"] == "auto" and set(body["warm_run_ms_estimated"]) == set(body["sessions"]) - {m["full"]["model"]}
 
 
 def test_answers_equal_offline_onnxruntime(server, offline, digits):

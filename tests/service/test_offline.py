@@ -309,6 +309,29 @@ def test_corrupt_bundle_is_refused(tiny_bundle, tmp_path):
         Engine(ServeConfig(bundle=str(bad)))
 
 
+def test_engine_checks_parity_on_its_own_sessions(tiny_bundle, tmp_path):
+    """verify at start-up loads each model once: the sessions that serve are the ones parity-checked."""
+    import shutil
+
+    from steerprune.export.manifest import BundleError
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    a, b = m["routes"]["7"]["model"], m["routes"]["even"]["model"]
+    z = dict(np.load(bad / "samples.npz"))
+    z[m["samples"]["logits"][a]], z[m["samples"]["logits"][b]] = z[m["samples"]["logits"][b]], z[m["samples"]["logits"][a]]
+    np.savez(bad / "samples.npz", **z)
+    m["samples"].pop("sha256")
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="logits differ"):
+        Engine(ServeConfig(bundle=str(bad)))
+    said = []
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle)), log_fn=said.append)
+    checked = [line.split()[1] for line in said if line.startswith("ok  ")]
+    assert sorted(checked) == sorted(eng.sessions)  # one parity line per serving session, none twice
+
+
 def test_serve_config_env_round_trip_and_validation(tmp_path):
     cfg = ServeConfig(bundle=str(tmp_path), hint_mode="trust", min_prob=0.3, threads=2, verify=False)
     assert ServeConfig.from_env(cfg.to_env()) == cfg
@@ -380,7 +403,7 @@ def test_server_env_turns_opentelemetry_off_unless_asked(tiny_bundle):
 
 
 def test_expected_ms_adds_one_run_per_model_and_the_worst_case_fallback(tiny_bundle):
-    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, max_batch_size=8))
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, max_batch_size=8, warmup="all"))
     assert eng.expected_ms([FULL]) == float("inf")  # nothing timed before warm-up
     eng.warm_up(8, rounds=3)
     assert set(eng.run_ms) == set(eng.sessions) and all(sorted(t) == [1, 2, 4, 8] for t in eng.run_ms.values())
@@ -396,6 +419,27 @@ def test_expected_ms_adds_one_run_per_model_and_the_worst_case_fallback(tiny_bun
     trusting.run_ms = eng.run_ms
     assert trusting.expected_ms(["7", "7"]) == eng.run_ms[seven][2]
     assert eng.expected_ms([FULL] * 9) == float("inf")  # larger than anything timed: never assumed cheap
+    assert eng.run_ms_estimated == {}
+
+
+def test_light_warm_up_times_route_models_at_batch_1_and_estimates_the_rest_from_flops(tiny_bundle):
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, max_batch_size=8))  # auto: light on the CPU
+    calls = []
+    run = eng.logits
+    eng.logits = lambda model, x: calls.append((model, len(x))) or run(model, x)
+    eng.warm_up(8, rounds=2)
+    full = eng.full_model
+    assert sorted({b for m, b in calls if m == full}) == [1, 2, 4, 8]
+    assert all(b == 1 for m, b in calls if m != full) and {m for m, _ in calls} == set(eng.sessions)
+    assert set(eng.run_ms_estimated) == set(eng.sessions) - {full}
+    for m in eng.run_ms_estimated:
+        assert eng.run_ms_estimated[m] == [2, 4, 8] and eng.run_ms[m][1] > 0
+        rel = eng.manifest["models"][m]["flops_rel"]
+        assert rel < 1 and all(eng.run_ms[m][b] == pytest.approx(eng.run_ms[full][b] * rel, abs=1e-4)
+                               for b in (2, 4, 8))
+    assert eng.expected_ms(["7"] * 8) < float("inf")
+    with pytest.raises(UserError, match="warmup"):
+        ServeConfig(bundle=str(tiny_bundle), warmup="some")
 
 
 @pytest.mark.parametrize("inline_ok", [True, False])

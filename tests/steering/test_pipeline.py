@@ -53,6 +53,24 @@ def test_report_schema_and_files(report, tiny_run):
     assert s["mean_usage_after"] == pytest.approx(np.mean([r["head_usage"] for r in on_disk["routes"]]))
     assert s["mean_usage_before"] == pytest.approx(np.mean([r["baseline"]["head_usage"] for r in on_disk["routes"]]))
     assert s["mean_usage_after"] <= s["mean_usage_before"]  # alpha = 1 is always a candidate
+    vt, st = s["val_vs_test"], [r for r in on_disk["routes"] if r["alpha"] != 1.0]
+    assert vt["routes_steered"] == s["routes_steered"] == len(st)
+    if st:
+        gains = [(r["val"]["acc"] - r["val"]["baseline_acc"], r["acc"] - r["baseline"]["acc"]) for r in st]
+        assert vt["mean_val_gain"] == pytest.approx(np.mean([v for v, _ in gains]))
+        assert vt["optimism"] == pytest.approx(vt["mean_val_gain"] - np.mean([t for _, t in gains]))
+        assert vt["sign_agreement"] == pytest.approx(np.mean([np.sign(v) == np.sign(t) for v, t in gains]))
+        assert "Val vs test (choice rule `route`" in (out / "report.md").read_text()
+    # every choice rule's pick is reported; the configured rule's pick is the route's own row
+    assert set(s["choice_rules"]) == {"route", "all"}  # digits has no class groups
+    for r in on_disk["routes"]:
+        own = r["choice_rules"]["route"]
+        assert (own["k"], own["alpha"], own["acc"]) == (r["k"], r["alpha"], r["acc"])
+        assert own["head_usage"] == pytest.approx(r["head_usage"])
+    assert len({(r["choice_rules"]["all"]["k"], r["choice_rules"]["all"]["alpha"]) for r in on_disk["routes"]}) == 1
+    assert s["choice_rules"]["route"]["mean_acc"] == pytest.approx(s["mean_acc_after"])
+    assert s["choice_rules"]["all"]["distinct_k_alpha"] == 1
+    assert "| **route** |" in (out / "report.md").read_text()
     zs = s["zero_shot"]
     assert set(zs["precision_at_k"]) == set(zs["random_precision"]) == {"1", "5", "10"}
     assert on_disk["zero_shot"]["random_precision"]["1"] == pytest.approx(1 / 384)
@@ -181,3 +199,58 @@ def test_cli_groups_and_errors(tiny_run, tmp_path, capsys):
     assert main(["steer", str(tmp_path / "no_run")]) == 2
     err = capsys.readouterr().err
     assert "groups file not found" in err and "cannot steer layers" in err
+
+
+def test_choice_pools_group_routes_that_share_k_and_alpha():
+    from steerprune.steering.plan import RouteSpec, choice_pools
+
+    routes = [RouteSpec(str(c), [c]) for c in range(5)] + [RouteSpec("pair", [0, 3])]
+    groups = {"a": [0, 1], "b": [2, 3, 4], "c": [4]}
+    assert choice_pools(routes, "route") == [[r.name] for r in routes]
+    assert choice_pools(routes, "all") == [[r.name for r in routes]]
+    # '4' lies in two groups and 'pair' spans two: each of them chooses alone
+    assert choice_pools(routes, "group", groups) == [["0", "1"], ["2", "3"], ["4"], ["pair"]]
+    from steerprune.errors import UserError
+    with pytest.raises(UserError, match="needs class groups"):
+        choice_pools(routes, "group", {})
+
+
+def test_pooled_choice_takes_one_k_and_alpha_by_the_pooled_val_rule(tiny_run, tmp_path):
+    from steerprune.errors import UserError
+
+    rep = steer_run(tiny_run, "per-class", out_dir=tmp_path, log=lambda *_: None, compare_label_free=False,
+                    choose="all", **FAST)
+    assert rep["config"]["choose"] == "all"
+    chosen = {(r["k"], r["alpha"]) for r in rep["routes"]}
+    assert len(chosen) == 1
+    # the pooled rule on the val candidates each route recorded (rounded to 4 digits, hence the 1e-3 slack): mean
+    # val accuracy >= the mean unsteered one, and no candidate that clearly meets it has a clearly lower mean usage
+    cands = [r["val"]["candidates"] for r in rep["routes"]]
+    base = np.mean([r["val"]["baseline_acc"] for r in rep["routes"]])
+    pooled = {(c[0], c[1]): (np.mean([cs[i][2] for cs in cands]), np.mean([cs[i][3] for cs in cands]))
+              for i, c in enumerate(cands[0])}
+    usage, acc = pooled[next(iter(chosen))]
+    assert acc >= base - 1e-3
+    assert not any(u < usage - 1e-3 and a >= base + 1e-3 for u, a in pooled.values())
+    assert all(r["choice_rules"]["all"]["acc"] == r["acc"] for r in rep["routes"])
+    with pytest.raises(UserError, match="needs class groups"):  # digits has no groups of its own
+        steer_run(tiny_run, "per-class", out_dir=tmp_path / "g", log=lambda *_: None, choose="group", **FAST)
+
+
+def test_choose_pools_candidates_by_mean_usage_under_the_mean_accuracy_rule():
+    from steerprune.steering.masks import Candidate
+    from steerprune.steering.plan import _choose
+
+    def cands(*rows):  # (k, alpha, usage, val_acc) per candidate, the unsteered one first
+        return [Candidate(k, a, {}, np.full((1, 1), i), u, acc) for i, (k, a, u, acc) in enumerate(rows)]
+
+    grid = [(0, 1.0), (1, 4.0), (2, 4.0)]
+    c = {"x": cands(*[(k, a, u, v) for (k, a), u, v in zip(grid, (0.6, 0.4, 0.3), (0.80, 0.82, 0.70))]),
+         "y": cands(*[(k, a, u, v) for (k, a), u, v in zip(grid, (0.6, 0.5, 0.2), (0.60, 0.50, 0.66))])}
+    base = {"x": 0.80, "y": 0.60}
+    alone = _choose(c, base, [["x"], ["y"]], 0.0)
+    assert (alone["x"].k, alone["y"].k) == (1, 2)  # each route: lowest usage within its own accuracy
+    pooled = _choose(c, base, [["x", "y"]], 0.0)
+    # pooled means: (0.60, 0.70), (0.45, 0.66), (0.25, 0.68) against 0.70: only the unsteered one qualifies
+    assert pooled["x"].k == pooled["y"].k == 0 and pooled["x"] is c["x"][0] and pooled["y"] is c["y"][0]
+    assert _choose(c, base, [["x", "y"]], 0.02)["x"].k == 2  # within eps 0.02 the lowest mean usage wins
