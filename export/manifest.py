@@ -29,7 +29,7 @@ from .runtime import ort_session
 __all__ = [
     "SCHEMA_VERSION", "INPUT_NAME", "OUTPUT_NAME", "MANIFEST", "SAMPLES_FILE", "VERIFY_TOL", "BundleError",
     "SUPPORTED_SCHEMAS", "sha256_file", "max_abs_diff", "load_manifest", "validate_manifest", "verify_bundle",
-    "verify_files", "check_parity", "open_session",
+    "verify_files", "check_parity", "open_session", "parity_line",
     "model_paths",
 ]
 
@@ -259,6 +259,11 @@ def open_session(bundle_dir: str | Path, rel: str, **kwargs):
         _fail(f"{rel}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}")
 
 
+def parity_line(rel: str, digest: str, parity: dict, n: int) -> str:
+    """The log line of one model that passed: its checksum prefix and its parity on the n stored samples."""
+    return f"ok  {rel}  sha256 {digest[:12]}  max |diff| {parity['max_abs']:.2e} on {n} samples"
+
+
 def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> dict:
     """Re-check every file's sha256, load every model in ONNX Runtime and re-run parity on the stored samples.
 
@@ -270,5 +275,5 @@ def verify_bundle(bundle_dir: str | Path, tol: float = VERIFY_TOL, log=None) -> 
     for rel in model_paths(m):
         report[rel] = check_parity(m, samples, rel, open_session(bundle_dir, rel, threads=1), tol)
         if log:
-            log(f"ok  {rel}  sha256 {digests[rel][:12]}  max |diff| {report[rel]['max_abs']:.2e} on {n} samples")
+            log(parity_line(rel, digests[rel], report[rel], n))
     return {"models": report, "ok": True}

@@ -72,8 +72,8 @@ class Engine:
     """Load a bundle's models and answer batches of preprocessed images routed by hint."""
 
     def __init__(self, cfg: ServeConfig, log_fn=None):
-        from steerprune.export.manifest import (check_parity, load_manifest, model_paths, open_session, verify_bundle,
-                                                verify_files)
+        from steerprune.export.manifest import (check_parity, load_manifest, model_paths, open_session, parity_line,
+                                                verify_bundle, verify_files)
 
         self.cfg = cfg
         self.bundle = Path(cfg.bundle).expanduser().resolve()
@@ -132,9 +132,8 @@ class Engine:
                                 log=log.warning, env_allocator=cfg.shared_arena,
                                 initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
             if samples is not None and device == "cpu":  # parity of the very sessions that will serve
-                par = check_parity(m, samples, rel, sess)
-                say(f"ok  {rel}  sha256 {digests[rel][:12]}  max |diff| {par['max_abs']:.2e} on "
-                    f"{len(samples[m['samples']['inputs']])} samples")
+                say(parity_line(rel, digests[rel], check_parity(m, samples, rel, sess),
+                                len(samples[m["samples"]["inputs"]])))
             self.sessions[rel] = sess
             self.providers[rel] = sess.get_providers()
             if self.requested_cuda and "CUDAExecutionProvider" not in self.providers[rel]:

@@ -76,7 +76,7 @@ def evaluate_plans(run, plans: list[RoutePlan], test: Split, cfg: SteerConfig, l
             "val": p.val,
             # each choice rule's pick for this route, its route accuracy on the same test images
             "choice_rules": {rule: {"k": c.k, "alpha": c.alpha, "head_usage": c.usage, "val_acc": c.val_acc,
-                                    "acc": float((ev.preds(c.mask, on) == ev.labels[on]).mean())}
+                                    "acc": ev.acc(c.mask, on)}
                              for rule, c in p.alternatives.items()},
         })
     return rows

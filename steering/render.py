@@ -59,9 +59,10 @@ def write_markdown(path: Path, report: dict) -> None:
           + (f" (mean difference {100 * th['mean_acc_diff_matched']:+.1f} points)." if th["mean_acc_diff_matched"] is not None else "."),
           ""]
     vt = s.get("val_vs_test")
+    rule_used = "all" if cfg["strategy"] == "global" else cfg.get("choose", "route")  # global always pools all
     if vt and vt["routes_steered"]:
         rho = f"Spearman {vt['spearman']:+.2f} (p {vt['spearman_p']:.2g})" if vt["spearman"] is not None else "no rank correlation (too few routes or no spread)"
-        L += [f"Val vs test (choice rule `{cfg.get('choose', 'route')}`, {vt['routes_steered']} steered routes): mean "
+        L += [f"Val vs test (choice rule `{rule_used}`, {vt['routes_steered']} steered routes): mean "
               f"accuracy gain over the unsteered mask {100 * vt['mean_val_gain']:+.1f} points on val, "
               f"{100 * vt['mean_test_gain']:+.1f} on test (optimism {100 * vt['optimism']:.1f} points); the test gain "
               f"has the val gain's sign on {_pct(vt['sign_agreement'])} of them and is negative on "
@@ -74,7 +75,7 @@ def write_markdown(path: Path, report: dict) -> None:
               "val gain | test gain | sign agreement |", "|---|---|---|---|---|---|---|---|"]
         for rule, c in rules.items():
             gain = lambda x: f"{100 * x:+.1f}" if x is not None else ""  # noqa: E731
-            L.append(f"| {'**' + rule + '**' if rule == cfg.get('choose', 'route') else rule} | {c['distinct_k_alpha']} | "
+            L.append(f"| {'**' + rule + '**' if rule == rule_used else rule} | {c['distinct_k_alpha']} | "
                      f"{c['mean_usage']:.3f} | {_pct(c['mean_val_acc'])} | {_pct(c['mean_acc'])} | "
                      f"{gain(c['mean_val_gain'])} | {gain(c['mean_test_gain'])} | {_pct(c['sign_agreement'])} |")
         L.append("")

@@ -55,8 +55,6 @@ def summarize(rows: list[dict], label_free: Optional[list[dict]] = None, global_
     return s
 
 
-
-
 def choice_rule_summary(rows: list[dict], rule: str) -> dict:
     """One choice rule's picks over every route (row["choice_rules"][rule]): mean usage, mean route accuracy on val
     and on test, and how its val gains held on test (`val_test_agreement`)."""

@@ -254,3 +254,14 @@ def test_choose_pools_candidates_by_mean_usage_under_the_mean_accuracy_rule():
     # pooled means: (0.60, 0.70), (0.45, 0.66), (0.25, 0.68) against 0.70: only the unsteered one qualifies
     assert pooled["x"].k == pooled["y"].k == 0 and pooled["x"] is c["x"][0] and pooled["y"] is c["y"][0]
     assert _choose(c, base, [["x", "y"]], 0.02)["x"].k == 2  # within eps 0.02 the lowest mean usage wins
+
+
+def test_global_strategy_reports_the_pooled_rule_it_used(tiny_run, tmp_path):
+    rep = steer_run(tiny_run, "global", out_dir=tmp_path, log=lambda *_: None, compare_label_free=False, **FAST)
+    assert len({(r["k"], r["alpha"]) for r in rep["routes"]}) == 1
+    assert all((r["choice_rules"]["all"]["k"], r["choice_rules"]["all"]["alpha"]) == (r["k"], r["alpha"])
+               for r in rep["routes"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| **all** |" in md and "| **route** |" not in md
+    if rep["summary"]["val_vs_test"]["routes_steered"]:
+        assert "Val vs test (choice rule `all`" in md
