@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "direction by their effect on the policy over the images the model predicts as the class (0: cosine "
                    "alone)")
     p.add_argument("--no-label-free", action="store_true", help="skip the label-free comparison run")
+    p.add_argument("--max-off-route", type=int, help="test images of other classes per route for its off-route "
+                   "accuracy (seeded subsample; default 2000): with many routes the off-route forwards dominate")
     p.add_argument("--spotlight", type=lambda s: [x for x in s.split(",") if x],
                    help="routes the report shows in detail beside the paper's figures (default bowl; names that are "
                         "not routes are skipped)")
@@ -100,7 +102,8 @@ def _steer(args) -> int:
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
     opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps",
-                                          "seed", "zero_shot_pool", "spotlight", "choose")
+                                          "seed", "zero_shot_pool", "spotlight", "choose",
+                                          "max_off_route")
             if getattr(args, k) is not None}
     if args.no_label_free:
         opts["compare_label_free"] = False

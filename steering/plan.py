@@ -95,6 +95,8 @@ class SteerConfig:
             raise UserError(f"tau must be in (0, 1], got {self.tau}")
         if self.rank_images < 1:
             raise UserError(f"rank_images must be >= 1, got {self.rank_images}")
+        if self.max_off_route < 1:
+            raise UserError(f"max_off_route must be >= 1, got {self.max_off_route}")
         if self.zero_shot_pool < 0:
             raise UserError(f"zero_shot_pool must be >= 0, got {self.zero_shot_pool}")
         if not self.ks or min(self.ks) < 1:

@@ -186,7 +186,7 @@ def test_cli_groups_and_errors(tiny_run, tmp_path, capsys):
     groups.write_text(json.dumps({"round": ["0", "6", "8", "9"], "straight": [1, 4, 7]}))
     out = tmp_path / "g"
     rc = main(["steer", str(tiny_run), "--groups", str(groups), "--ks", "2", "--alphas", "0,4", "--layers", "3",
-               "--no-label-free", "--out", str(out)])
+               "--no-label-free", "--max-off-route", "40", "--out", str(out)])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in rep["routes"]] == ["round", "straight"]
@@ -194,11 +194,13 @@ def test_cli_groups_and_errors(tiny_run, tmp_path, capsys):
     assert rep["config"]["layers_steered"] == [3]
     assert all(set(r["latents"]) <= {"L3"} for r in rep["routes"])
     assert rep["routes"][0]["n"] == sum(r["n"] for r in rep["routes"][:1])
+    assert [r["n_off_route"] for r in rep["routes"]] == [40, 40] and rep["config"]["max_off_route"] == 40
     assert main(["steer", str(tiny_run), "--groups", str(tmp_path / "nope.json")]) == 2
     assert main(["steer", str(tiny_run), "--layers", "0", "--out", str(tmp_path / "x")]) == 2
     assert main(["steer", str(tmp_path / "no_run")]) == 2
+    assert main(["steer", str(tiny_run), "--max-off-route", "0", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
-    assert "groups file not found" in err and "cannot steer layers" in err
+    assert "groups file not found" in err and "cannot steer layers" in err and "max_off_route must be >= 1" in err
 
 
 def test_choice_pools_group_routes_that_share_k_and_alpha():

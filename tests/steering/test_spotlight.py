@@ -50,3 +50,28 @@ def test_bowl_gets_the_papers_row(report):
     text = "\n".join(spotlight_lines(sp))
     assert "## Spotlight: bowl" in text and "0.72 -> 0.33" in text and "76.0% -> 82.0%" in text
     assert f"{sp['steered']['head_usage']:.3f}" in text and "McNemar p" in text
+
+
+C100 = REPORT.parents[2] / "cifar100"
+
+
+def test_cifar100_reports_hold_together():
+    """The committed CIFAR-100 reports: 100 class routes with the real bowl beside the paper, 20 superclass routes
+    that partition the classes, and summaries (global mask included) that follow from their own rows."""
+    rep = json.loads((C100 / "steering" / "report.json").read_text())
+    groups = json.loads((C100 / "steering_groups" / "report.json").read_text())
+    names = rep["class_names"]
+    assert len(names) == 100 and [r["name"] for r in rep["routes"]] == names
+    assert all(r["n"] == 100 and r["n_off_route"] == 500 for r in rep["routes"])
+    bowl = next(x for x in rep["routes"] if x["name"] == "bowl")
+    sp = next(x for x in rep["spotlight"] if x["name"] == "bowl")
+    assert sp == spotlight(rep, "bowl") and sp["paper"] == PAPER_FIGURES["bowl"]
+    assert sp["steered"]["head_usage"] == bowl["head_usage"] and sp["unsteered"]["acc"] == bowl["baseline"]["acc"]
+    s = rep["summary"]
+    assert s["mean_usage_after"] == pytest.approx(sum(r["head_usage"] for r in rep["routes"]) / 100, abs=1e-3)
+    assert s["mean_acc_after"] == pytest.approx(sum(r["acc"] for r in rep["routes"]) / 100, abs=1e-4)
+    g = s["global_mask"]["steered"]
+    assert g["acc_diff"] == pytest.approx(g["routes_acc"] - g["acc"]) and g["head_usage"] >= g["routes_mean_usage"]
+    covered = sorted(c for r in groups["routes"] for c in r["classes"])
+    assert len(groups["routes"]) == 20 and covered == list(range(100))
+    assert all(len(r["classes"]) == 5 and r["n"] == 500 for r in groups["routes"])
