@@ -4,7 +4,7 @@ The server (1 ONNX Runtime thread) is pinned to core 0, `steerprune loadtest --c
 a no-hint and a right-hint phase in ABBA rounds (docs/cost.md).
 
     python benchmarks/hints_http.py BUNDLE --out X.json [--acceptance route|global] [--images test.npz] \
-        [-- extra loadtest flags, e.g. --duration 15 --rounds 2]
+        [--batch-plan cost|route] [--no-shared-model] [-- extra loadtest flags, e.g. --duration 15 --rounds 2]
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     p.add_argument("--acceptance", choices=["route", "global"], default="route")
     p.add_argument("--images", help="NPZ of test images (default: the bundle's run's test split)")
     p.add_argument("--users", type=int, default=16)
+    p.add_argument("--batch-plan", choices=["cost", "route"], default="cost", help="the server's --batch-plan")
+    p.add_argument("--shared-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="the server's --shared-model (default on)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # after --: more `steerprune loadtest` flags (split here: argparse's REMAINDER would also swallow --out)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -31,6 +34,7 @@ def main(argv=None) -> int:
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})  # the server inherits core 0
     proc = start_server(a.bundle, port=port, threads=1, acceptance=a.acceptance, timeout=600,
+                        batch_plan=a.batch_plan, shared_model=a.shared_model,
                         log_path=a.out.replace(".json", ".server.log"))
     os.sched_setaffinity(0, cores)
     try:

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 __all__ = ["EPS", "WRONG_EPS", "AcceptRule", "RuleScore", "WrongHints", "Choice", "softmax", "top2", "accepted",
-           "answer_index", "score_rule", "choose_rule"]
+           "answer_index", "accepted_rows", "answer_rows", "score_rule", "choose_rule"]
 
 EPS = 0.005  # default allowed accuracy loss against the full model on the route's validation images (0.5 point)
 # default allowed loss on wrong-hint images: 5 points there is 1 point of the load test's default mix (20% wrong hints)
@@ -115,6 +115,23 @@ def answer_index(probs: np.ndarray, classes, rule: AcceptRule) -> np.ndarray:
         return probs.argmax(1)
     cls = np.asarray(sorted(classes))
     return cls[probs[:, cls].argmax(1)]
+
+
+def accepted_rows(probs: np.ndarray, in_route: np.ndarray, min_prob: np.ndarray, min_margin: np.ndarray,
+                  min_route_prob: np.ndarray) -> np.ndarray:
+    """`accepted` for a batch whose rows have routes of their own, in one pass: probs (N, C), in_route (N, C) bool
+    (row i's route classes), thresholds (N,) each, min_route_prob NaN for a top-1 rule -> (N,) bool."""
+    top, p1, margin = top2(probs)
+    ok = (p1 >= min_prob) & (margin >= min_margin)
+    by_route = ~np.isnan(min_route_prob)
+    route_ok = np.where(in_route, probs, 0.0).sum(1) >= np.nan_to_num(min_route_prob)
+    return ok & np.where(by_route, route_ok, in_route[np.arange(len(probs)), top])
+
+
+def answer_rows(probs: np.ndarray, in_route: np.ndarray, by_route_prob: np.ndarray) -> np.ndarray:
+    """`answer_index` row by row: the most probable of row i's route classes where it has a route-probability rule
+    (by_route_prob (N,) bool), its top-1 elsewhere."""
+    return np.where(by_route_prob, np.where(in_route, probs, -1.0).argmax(1), probs.argmax(1))
 
 
 def score_rule(routed_probs: np.ndarray, full_pred: np.ndarray, labels: np.ndarray, classes, rule: AcceptRule,

@@ -28,12 +28,16 @@ from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torc
 from .prune import (check_mask, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units, mlp_kept,
                     prune_vit)
 
-__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "read_routes", "export_bundle", "write_triton_layout"]
+__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "SHARED_AUTO_ROUTES", "read_routes", "shared_mask", "export_bundle",
+           "write_triton_layout"]
 
 PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
 N_SAMPLES = 8  # test images stored in samples.npz for `bundle verify`
 N_WRONG = 1000  # most validation images of other classes a route's rule is checked on with its hint (seeded draw)
 FULL_FILE = "models/full.onnx"
+# --shared auto adds the shared model from this many routes on: a server batch then spans about as many route models
+# as it has requests, and runs of one request each cost more than rows of one batch (docs/cost.md)
+SHARED_AUTO_ROUTES = 20
 
 
 class ExportRoute(dict):
@@ -68,6 +72,30 @@ def _routes_from_masks(path: Path) -> list[ExportRoute]:
             raise UserError(f"{path}: route {name!r} needs 'classes' and 'mask'")
         out.append(ExportRoute(name=str(name), classes=r["classes"], mask=r["mask"], acc=None, off_route_acc=None))
     return out
+
+
+def shared_mask(source: str, n_routes: int, shared: str, depth: int, H: int) -> Optional[tuple[list, dict]]:
+    """The shared model's mask for `export --shared` and where it came from, or None: the steering report's global
+    mask (one static mask for every class at the steered routes' mean head usage, chosen on val) with 'global', and
+    with 'auto' when the report has one and there are at least SHARED_AUTO_ROUTES routes."""
+    from steerprune.training.run import read_json
+
+    if shared not in ("auto", "global", "none"):
+        raise UserError(f"--shared must be auto, global or none, got {shared!r}")
+    if shared == "none" or (shared == "auto" and n_routes < SHARED_AUTO_ROUTES):
+        return None
+    kind, _, path = source.partition(":")
+    sets = (read_json(Path(path)).get("global_mask") or {}).get("route_sets") or {} if kind == "report" else {}
+    chosen = sets.get("steered") or next(iter(sets.values()), None)
+    if not chosen or not chosen.get("global_masks"):
+        if shared == "global":
+            raise UserError(f"--shared global needs a steering report with a global mask (`steerprune steer RUN "
+                            f"--baseline-only` adds one); {source} has none")
+        return None
+    g = chosen["global_masks"][0]  # the kept-head count rounded up from the routes' mean usage
+    mask = check_mask(g["mask"], depth, H)
+    return mask, {"from": f"{source} global_mask ({'steered' if 'steered' in sets else next(iter(sets))} routes)",
+                  "ranking": g.get("ranking"), "val_acc": g.get("val_acc")}
 
 
 def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[ExportRoute], str]:
@@ -160,13 +188,15 @@ class _Fp16Wrapper(torch.nn.Module):
 
 def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: bool = False, layout: Optional[str] = None,
                   log=print, eps: float = EPS, cost_batch: Optional[int] = 16, units_path=None,
-                  wrong_eps: float = WRONG_EPS) -> dict:
+                  wrong_eps: float = WRONG_EPS, shared: str = "auto") -> dict:
     """Export the full model and one pruned model per distinct route mask into out_dir; returns the manifest.
 
     Each route's acceptance rule is chosen on the run's validation split (`eps`: allowed accuracy loss against the
     full model on the route's images, `wrong_eps` on images of other classes sent with its hint; fractions); with `cost_batch`, the offline cost per hinted request is then timed on the test split
     at that batch size and recorded under "cost" (None: not timed). `units_path`: a `steerprune units` file whose
-    MLP hidden units are removed too from the routes it lists (None: heads only).
+    MLP hidden units are removed too from the routes it lists (None: heads only). `shared` (auto | global | none,
+    see `shared_mask`): also export one pruned model for every class, with an acceptance rule per route chosen on
+    validation exactly as the route's own, which the service's batch plan answers scattered hints with.
     """
     from steerprune.steering.masks import head_usage
     from steerprune.steering.units import apply_units
@@ -201,6 +231,13 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         name = f"heads_{key}" if r["mlp_units"] is None else f"heads_mlp_{key}"  # the key covers heads and units
         distinct.setdefault(key, {"mask": r["mask"], "units": r["mlp_units"], "file": f"models/{name}.onnx", "routes": []})
         distinct[key]["routes"].append(r["name"])
+    shared_file, shared_from = None, None
+    picked = shared_mask(source, len(routes), shared, depth, H)
+    if picked is not None:
+        key = mask_key(picked[0], None)
+        distinct.setdefault(key, {"mask": picked[0], "units": None, "file": f"models/heads_{key}.onnx", "routes": []})
+        if distinct[key]["file"] != FULL_FILE:  # a global mask keeping every head would only be the full model again
+            shared_file, shared_from = distinct[key]["file"], picked[1]
 
     models, sessions = {}, {}
     for i, (key, d) in enumerate(distinct.items()):
@@ -234,7 +271,8 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
             models[rel]["fp16"] = _export_fp16(model, ref, out_dir / rel.replace(".onnx", ".fp16.onnx"), bcfg)
         sessions[rel] = ort_session(path)
         log(f"{rel}: {sum(map(sum, mask))}/{depth * H} heads, FLOPs {flops['rel']:.3f} of full, "
-            f"parity {max(parity.max_abs.values()):.1e}, routes {d['routes'] or ['(full)']}")
+            f"parity {max(parity.max_abs.values()):.1e}, routes "
+            f"{d['routes'] or ['(shared)' if rel == shared_file else '(full)']}")
 
     # accuracy with ONNX Runtime on the run's test split: the full model everywhere, each route on its classes
     labels = data.test.labels
@@ -246,8 +284,19 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         if own.any():
             preds[rel][own] = _ort_predict(sess, test_x[np.flatnonzero(own)]).argmax(1)
     full_acc = float((preds[FULL_FILE] == labels).mean())
-    choices = _choose_acceptance(routes, distinct, models, sessions, ImageTensors(data.val.images, bcfg),
-                                 data.val.labels, eps, wrong_eps, log)
+    val_x = ImageTensors(data.val.images, bcfg)
+    choices = _choose_acceptance(routes, distinct, models, sessions, val_x, data.val.labels, eps, wrong_eps, log)
+    shared_entry = None
+    if shared_file is not None:  # every route's rule again, for the shared model's answers to its hints
+        twins = [ExportRoute({**r, "mask": picked[0], "mlp_units": None}) for r in routes]
+        sm = models[shared_file]
+        shared_entry = {
+            "model": shared_file, "sha256": sm["sha256"], "mask": sm["mask"], "kept_heads": sm["kept_heads"],
+            "head_usage": sm["head_usage"], "flops_rel": sm["flops_rel"], "source": shared_from,
+            "routes": _choose_acceptance(twins, distinct, models, sessions, val_x, data.val.labels, eps, wrong_eps,
+                                         lambda line: log("shared model, " + line))}
+        log(f"shared model {shared_file}: FLOPs {sm['flops_rel']:.3f} of full, served for "
+            f"{sum(a['served'] for a in shared_entry['routes'].values())} of {len(routes)} routes")
 
     def route_entry(r: ExportRoute) -> dict:
         rel = distinct[mask_key(r["mask"], r["mlp_units"])]["file"]
@@ -281,6 +330,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
                  "head_usage": 1.0, "flops_rel": 1.0, "params": fm["params"], "acc": full_acc,
                  "n_test": int(len(labels))},
         "routes": {r["name"]: route_entry(r) for r in routes},
+        **({"shared": shared_entry} if shared_entry is not None else {}),
         "acceptance": {"split": "val", "eps": float(eps), "wrong_eps": float(wrong_eps), "n": int(len(data.val.labels)),
                        "n_wrong_max": N_WRONG, "cost": "flops_rel + fallback rate (relative to the full model)"},
         "models": models,

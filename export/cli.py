@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch size of the offline cost timing on the test split (default 16; 0: skip it)")
     p.add_argument("--units", help="`steerprune units` file (e.g. RUN/steering/units.json): also remove the MLP hidden "
                                    "units it chose for each route (default: heads only; never picked up implicitly)")
+    p.add_argument("--shared", choices=["auto", "global", "none"], default="auto",
+                   help="also export one shared pruned model (the steering report's global mask) with a rule per "
+                        "route, for hints too scattered to batch on their own models (default auto: with at least "
+                        "20 routes; see docs/cost.md)")
     p.set_defaults(func=_export)
 
     b = sub.add_parser("bundle", help="inspect a bundle", description="Bundle tools.")
@@ -49,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="route: each route's rule from the manifest; global: top-1 >= --min-prob for every route")
     c.add_argument("--min-prob", type=float, default=0.7, help="the global rule's threshold (default 0.7)")
     c.add_argument("--no-per-route", action="store_true", help="skip the per-route timings")
+    c.add_argument("--batch-plan", choices=["cost", "route"], default="cost",
+                   help="the engine's batch plan, as `steerprune serve --batch-plan` (default cost)")
+    c.add_argument("--shared-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the batch plan use the bundle's shared model, as `steerprune serve --shared-model`")
     c.add_argument("--out", help="write the result as JSON here")
     c.set_defaults(func=_cost)
 
@@ -64,7 +72,7 @@ def _export(args) -> int:
         raise UserError(f"--cost-batch must be >= 0, got {args.cost_batch}")
     export_bundle(args.run, args.out, report_path=args.report, masks_path=args.masks, fp16=args.fp16,
                   layout=args.layout, eps=args.eps / 100.0, wrong_eps=args.wrong_eps / 100.0,
-                  cost_batch=args.cost_batch or None, units_path=args.units)
+                  cost_batch=args.cost_batch or None, units_path=args.units, shared=args.shared)
     return 0
 
 
@@ -91,7 +99,8 @@ def _cost(args) -> int:
         raise UserError(f"--min-prob must be in [0, 1], got {args.min_prob}")
     res = cost_of_npz(args.bundle, args.images, batch_size=args.batch, threads=args.threads, rounds=args.rounds,
                       acceptance=args.acceptance, min_prob=args.min_prob, per_route=not args.no_per_route,
-                      max_images=args.max_images or None)
+                      max_images=args.max_images or None, batch_plan=args.batch_plan,
+                      shared_model=args.shared_model)
     for line in cost_lines(res):
         print(line)
     if args.out:

@@ -70,8 +70,11 @@ def _timed(engine, images, idx: np.ndarray, routes: list[str], batch_size: int, 
 
 def _flops(engine, r) -> float:
     """FLOPs of one answered request relative to the full model: its first model run plus any rerun on full."""
-    first = 1.0 if engine.model_for(r.route) == engine.full_model else float(engine.routes[r.route].entry["flops_rel"])
-    return first + (1.0 if r.fallback and r.fallback_reason != "not_served" else 0.0)
+    from steerprune.service.engine import FIRST_ON_FULL
+
+    if engine.model_for(r.route) == engine.full_model or r.fallback_reason in FIRST_ON_FULL:
+        return 1.0
+    return float(engine.routes[r.route].entry["flops_rel"]) + (1.0 if r.fallback else 0.0)
 
 
 def _pred(results) -> np.ndarray:
@@ -93,14 +96,16 @@ def _summary(hinted, plain, labels: np.ndarray, times: dict, engine) -> dict:
 
 def offline_cost(bundle, images, labels: np.ndarray, batch_size: int = 16, threads: int = 1, rounds: int = 3,
                  acceptance: str = "route", min_prob: float = 0.7, per_route: bool = True, route_rounds: int = 1,
-                 max_images: Optional[int] = 2000, seed: int = 0, log=None) -> dict:
+                 max_images: Optional[int] = 2000, seed: int = 0, batch_plan: str = "cost", shared_model: bool = True,
+                 log=None) -> dict:
     """Cost per hinted request relative to an unhinted one, in-process, on preprocessed `images` (N, C, S, S; any
     array indexable by an index array, converted batch by batch) with their `labels` (N,): overall (mixed hints per
     batch; each batch timed `rounds` times), and per route (its images only, `route_rounds` times) when `per_route`;
     on a seeded draw of at most `max_images` of them (None: all).
 
     Also the accuracy of the load test's default mix (60% right, 20% wrong, 20% no hint) and of wrong hints alone,
-    against the full model's: wrong hints must stay caught.
+    against the full model's: wrong hints must stay caught. The engine is warmed up as the server's is (its timings
+    drive `batch_plan`, see service/plan.py).
     """
     from steerprune.service.config import ServeConfig
     from steerprune.service.engine import Engine
@@ -108,20 +113,20 @@ def offline_cost(bundle, images, labels: np.ndarray, batch_size: int = 16, threa
     if batch_size < 1 or rounds < 1:
         raise ValueError("batch_size and rounds must be at least 1")
     engine = Engine(ServeConfig(bundle=str(bundle), verify=False, threads=threads, acceptance=acceptance,
-                                min_prob=min_prob, max_batch_size=max(batch_size, 2)), log_fn=lambda *_: None)
+                                min_prob=min_prob, max_batch_size=max(batch_size, 2), batch_plan=batch_plan,
+                                shared_model=shared_model),
+                    log_fn=lambda *_: None)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))[:max_images]
     y = labels[order]
-    warm = _as_batch(images, order[:batch_size])
-    for model in engine.sessions:  # first runs are slow: warm every model at the batch sizes it will see
-        for b in sorted({1, len(warm)}):
-            engine.logits(model, warm[:b])
+    engine.warm_up(max(batch_size, 2), rounds=3)  # as the server does: timings for the batch plan
     hints = right_hints(engine, y, rng)
     t0 = time.perf_counter()
     hinted, plain, times = _timed(engine, images, order, hints, batch_size, rounds)
     full_pred = _pred(plain)
     out = {"batch_size": batch_size, "threads": threads, "rounds": rounds, "route_rounds": route_rounds,
+           "batch_plan": batch_plan, "shared_model": engine.shared_model,
            "acceptance": engine.acceptance,
            "min_prob": min_prob if engine.acceptance == "global" else None, "n": int(len(y)),
            "what": "CPU seconds (this process, ONNX Runtime included) for right-hint requests, fallbacks included, "

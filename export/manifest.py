@@ -156,6 +156,14 @@ def validate_manifest(m: Any) -> dict:
         if m["schema_version"] >= 2:
             _check_acceptance(r.get("acceptance"), f"routes[{name!r}].acceptance")
         entries.append((f"routes[{name!r}]", r))
+    if m.get("shared") is not None:  # optional: the shared model and its rule per route (export --shared)
+        sh = m["shared"]
+        _need(sh, ("model", "sha256", "mask", "flops_rel", "routes"), "shared")
+        if not isinstance(sh["routes"], dict) or set(sh["routes"]) - set(m["routes"]):
+            _fail("manifest shared.routes must be an object keyed by route names of the manifest")
+        for name, a in sh["routes"].items():
+            _check_acceptance(a, f"shared.routes[{name!r}]")
+        entries.append(("shared", sh))
     for where, e in entries:
         _check_rel_path(e["model"], where)
         _check_mask(e["mask"], shape, where)

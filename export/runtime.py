@@ -51,9 +51,11 @@ def preload_cuda_libs(log=None) -> None:
                 log(f"onnxruntime.preload_dlls failed: {e}")
 
 
-def ort_providers(device: str = "cpu", log=None) -> list:
+def ort_providers(device: str = "cpu", log=None, cuda_graph: bool = False) -> list:
     """Execution providers for `device` ('cpu' | 'cuda'). For CUDA, first preload CUDA/cuDNN from pip wheels
-    (nvidia-*) when onnxruntime can, and say plainly when this onnxruntime has no CUDA provider at all."""
+    (nvidia-*) when onnxruntime can, and say plainly when this onnxruntime has no CUDA provider at all.
+    `cuda_graph` adds the CUDA provider's `enable_cuda_graph` (runs must then use I/O binding:
+    service/binding.py)."""
     import onnxruntime as ort
 
     if device == "cpu":
@@ -64,11 +66,12 @@ def ort_providers(device: str = "cpu", log=None) -> list:
         raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider: install onnxruntime-gpu "
                         "(and not onnxruntime beside it)")
     preload_cuda_libs(log=log)
-    return [CUDA_PROVIDER, "CPUExecutionProvider"]
+    name, options = CUDA_PROVIDER
+    return [(name, dict(options, enable_cuda_graph="1") if cuda_graph else options), "CPUExecutionProvider"]
 
 
 def ort_session(path: str | Path, threads: Optional[int] = None, device: str = "cpu", require_device: bool = True,
-                log=None, env_allocator: bool = True, initializers: Optional[dict] = None):
+                log=None, env_allocator: bool = True, initializers: Optional[dict] = None, cuda_graph: bool = False):
     """An ONNX Runtime session on `device`; `threads` fixes intra-op threads (0/None: ONNX Runtime's default, one
     per physical core); inter-op threads are always 1 (the graphs run sequentially).
 
@@ -76,6 +79,8 @@ def ort_session(path: str | Path, threads: Optional[int] = None, device: str = "
     session, see `session_memory.register_env_allocator`) instead of a private one, which grows to its session's
     largest run and stays there. `initializers`: {name: OrtValue} used instead of the model's own
     (`session_memory.SharedInitializers`); prepacking is then off, so the shared buffers stay the only copy.
+    `cuda_graph` (CUDA only): the CUDA provider captures and replays CUDA graphs (`enable_cuda_graph`); ONNX Runtime
+    refuses to build such a session when a compute node would run on the CPU or the model has control flow.
 
     onnxruntime-gpu logs an error and silently falls back to the CPU when CUDA cannot start: with
     `require_device` that is refused here with the reason; without it the caller checks `get_providers()`.
@@ -96,7 +101,8 @@ def ort_session(path: str | Path, threads: Optional[int] = None, device: str = "
         opts.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in initializers.items():
             opts.add_initializer(name, value)
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device, log=log))
+    sess = ort.InferenceSession(str(path), sess_options=opts,
+                                providers=ort_providers(device, log=log, cuda_graph=cuda_graph and device == "cuda"))
     if require_device and device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         raise UserError(f"CUDA was requested but {Path(path).name} runs on {sess.get_providers()}: "
                         "check the GPU driver, CUDA 13 and cuDNN 9")

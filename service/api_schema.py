@@ -12,13 +12,20 @@ from typing import Callable, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Score", "ClassifyAnswer", "ErrorBody", "OverloadBody", "RoutesListing", "CLASSIFY_BODY", "docs_app"]
+__all__ = ["Score", "RoutedScore", "ClassifyAnswer", "ErrorBody", "OverloadBody", "RoutesListing", "CLASSIFY_BODY", "docs_app"]
 
 
 class Score(BaseModel):
     label: str = Field(description="class name")
     index: int = Field(ge=0, description="class index in the bundle's class list")
     prob: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class RoutedScore(Score):
+    """The overruled answer of a fallback."""
+
+    model: str = Field(description="bundle-relative ONNX file whose answer was overruled (the route's model, or "
+                                   "the shared model when the batch plan gave the request to it)")
 
 
 class ClassifyAnswer(BaseModel):
@@ -36,7 +43,7 @@ class ClassifyAnswer(BaseModel):
     fallback: bool = Field(description="verify mode: the routed answer was overruled and the full model answered")
     fallback_reason: Optional[str] = Field(description="why it fell back, in words; null without fallback")
     wrong_hint: bool = Field(description="the full model's answer lies outside the hint's classes")
-    routed: Optional[Score] = Field(None, description="after a fallback: the overruled routed model's top-1")
+    routed: Optional[RoutedScore] = Field(None, description="after a fallback: the overruled routed model's top-1")
     bundle_id: str = Field(description="first 16 hex digits of sha256(manifest.json) of the bundle that answered")
 
 

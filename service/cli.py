@@ -202,12 +202,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="full garbage collections on this clock while --gc-young-ms runs")
     p.add_argument("--pad-batches", choices=["auto", "on", "off"], default="auto",
                    help="pad model runs to warmed batch sizes (default auto: on with CUDA, off on the CPU)")
+    p.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
+                   help="bind per-size input/output buffers on the device once (default auto: on with CUDA, off on "
+                        "the CPU; see docs/gpu.md)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="with I/O binding on CUDA, capture one CUDA graph per model and batch size during warm-up "
+                        "and replay it (default auto: on with CUDA and I/O binding; see docs/gpu.md)")
     p.add_argument("--warmup", choices=["auto", "all", "light"], default="auto",
                    help="all: every model at every warmed batch size; light: the full model at every size, route "
                         "models at batch 1 (default auto: all with CUDA, light on the CPU; see docs/serving.md)")
     p.add_argument("--inline-ms", type=float, default=1.0,
                    help="run batches expected to take at most this many ms (warm-up timings) on the event loop "
                         "instead of a thread (0: always a thread; see docs/serving.md)")
+    p.add_argument("--batch-plan", choices=["cost", "route"], default="cost",
+                   help="cost: hinted requests run on their route's model only when, in that batch, it is cheaper "
+                        "than adding them to the full model's run (warm-up timings); route: always (see "
+                        "docs/cost.md)")
+    p.add_argument("--shared-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="--batch-plan cost: also answer scattered hints on the bundle's shared model when it has one "
+                        "(export --shared; default on)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--tracing", action="store_true",
@@ -230,11 +243,13 @@ def _serve(args) -> int:
     config = dict(device=args.device, hint_mode=args.hint_mode, acceptance=acceptance, min_prob=min_prob,
                   unknown_hint=args.unknown_hint, batcher=args.batcher, max_batch_size=args.max_batch_size,
                   threads=args.threads, workers=args.workers, access_log=args.access_log, tracing=args.tracing,
-                  pad_batches=args.pad_batches, request_timeout_s=args.request_timeout,
+                  pad_batches=args.pad_batches, io_binding=args.io_binding, cuda_graph=args.cuda_graph,
+                  request_timeout_s=args.request_timeout,
                   gc_gen2_threshold=args.gc_gen2_threshold, gc_young_ms=args.gc_young_ms,
                   gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
                   max_wait_ms=args.max_wait_ms, concurrency=args.concurrency,
-                  shared_arena=args.shared_arena, share_weights=args.share_weights, warmup=args.warmup)
+                  shared_arena=args.shared_arena, share_weights=args.share_weights, warmup=args.warmup,
+                  batch_plan=args.batch_plan, shared_model=args.shared_model)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -62,6 +62,17 @@ class ServeConfig:
     so a session never meets a batch size it has not seen: on | off | auto (on with CUDA, where a new input shape
     can cost a cuDNN search and a small model's run costs the same at batch 1 and 64; off on the CPU, where padding
     costs compute)."""
+    io_binding: str = "auto"
+    """Run each model through ONNX Runtime I/O bindings: per model and warmed batch size, input and output buffers
+    on the device are bound once, a batch is copied into the smallest that holds it (padding as pad_batches on)
+    and only its rows of the output are copied back (service/binding.py) | on | off | auto (on with CUDA; off on
+    the CPU, where it was not faster: docs/gpu.md). A batch past max_batch_size runs unbound."""
+    cuda_graph: str = "auto"
+    """With I/O binding on CUDA: capture one CUDA graph per model and warmed batch size on its first run (warm-up)
+    and replay it afterwards, so a run costs one graph launch instead of a kernel launch per node | on | off |
+    auto (on with CUDA when io_binding is on). A session ONNX Runtime cannot build or capture with graphs falls
+    back to plain I/O-bound runs, logged and listed under /routes' cuda_graph. on needs io_binding and
+    pad_batches not off, and a device that can be CUDA."""
     max_upload_bytes: int = 8 << 20
     """Largest accepted request body (413 above)."""
     max_pixels: int = 4096 * 4096
@@ -101,6 +112,16 @@ class ServeConfig:
     of saturation, medians of 3 A/B runs: server CPU 1.14 against 1.26 ms per request, requests over 3 ms in the
     handler 0.22% against 0.67%). Longer batches still go to a thread so the event loop keeps taking requests.
     0: always a thread."""
+    batch_plan: str = "cost"
+    """cost: in each batch, the requests hinted to one route model run on it only when that run (plus the fallback
+    reruns expected at the route's observed rate) is expected to take less than adding them to the full model's run
+    of the same batch, by this server's warm-up timings; otherwise the full model answers them
+    (fallback_reason 'batched'). With many routes and little traffic per route a batch holds one request per route
+    model, and a batch-1 run costs more than a row of a full-model batch | route: every hinted request runs on its
+    route's model."""
+    shared_model: bool = True
+    """batch_plan 'cost' with a bundle that has a shared model (`export --shared`): the plan may also answer a
+    batch's scattered hints on it, under each route's rule for it, instead of on the full model."""
     verify: bool = True
     """Re-check sha256 and stored-sample parity of every model at start-up (export's verify_bundle)."""
     unserve_costlier: bool = True
@@ -108,7 +129,8 @@ class ServeConfig:
     unhinted one on this machine is not served (its hints go to the full model). The cost is measured, not
     counted: the route model's warm-up time per call at batch 1, plus the fallback rate export measured on
     validation times the full model's, against the full model's. Export's own choice counts FLOPs, which on a
-    small model or a deep cut fall faster than ONNX Runtime's time does."""
+    small model or a deep cut fall faster than ONNX Runtime's time does. Only with batch_plan 'route': the cost
+    plan weighs the same timings for every batch."""
     switch_interval_ms: float = 0.5
     """Python's GIL switch interval in the worker once ready (default 5 ms): the event loop parsing uploads and the
     thread running ONNX Runtime hand the GIL back and forth, and each hand-off can hold a request that long."""
@@ -117,10 +139,17 @@ class ServeConfig:
         choices = {"device": ("auto", "cpu", "cuda"), "hint_mode": ("verify", "trust"),
                    "unknown_hint": ("error", "full"), "batcher": ("greedy", "bentoml"),
                    "pad_batches": ("auto", "on", "off"), "acceptance": ("route", "global"),
-                   "warmup": ("auto", "all", "light")}
+                   "warmup": ("auto", "all", "light"), "io_binding": ("auto", "on", "off"),
+                   "cuda_graph": ("auto", "on", "off"), "batch_plan": ("cost", "route")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.io_binding == "on" and self.pad_batches == "off":
+            raise UserError("io_binding on runs at the warmed batch sizes only: it contradicts pad_batches off")
+        if self.cuda_graph == "on":  # a graph is one static shape at fixed addresses: it needs both
+            for name, off in (("io_binding", "off"), ("pad_batches", "off"), ("device", "cpu")):
+                if getattr(self, name) == off:
+                    raise UserError(f"cuda_graph on needs I/O binding, padding and CUDA: it contradicts {name} {off}")
         if not 0.0 <= self.min_prob <= 1.0:
             raise UserError(f"min_prob must be in [0, 1], got {self.min_prob}")
         for name in ("top_k", "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels"):

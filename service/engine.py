@@ -20,14 +20,16 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from steerprune.errors import UserError
-from steerprune.export.acceptance import AcceptRule, accepted, answer_index, softmax
+from steerprune.export.acceptance import AcceptRule, accepted_rows, answer_rows, softmax
 from steerprune.export.runtime import cuda_built, gpu_visible
 from steerprune.export.session_memory import SharedInitializers
 
+from .binding import BoundRunner, InputPool
 from .config import ServeConfig
+from .plan import Group, RunTimes, plan_batch
 from .preprocess import InputSpec
 
-__all__ = ["FULL", "FALLBACK_REASONS", "ServingRoute", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax",
+__all__ = ["FULL", "FALLBACK_REASONS", "FIRST_ON_FULL", "ServingRoute", "Result", "Engine", "UnknownHint", "gpu_visible", "softmax",
            "warm_sizes"]
 
 log = logging.getLogger("steerprune.service")
@@ -40,7 +42,10 @@ FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
                       "hint's total probability too low): answered by the full model",
     "not_served": "this route is no cheaper than the full model once its fallbacks are counted (by export's "
                   "estimate or this server's timings): its hints go to the full model",
+    "batched": "this batch held too few requests for this hint's model for a run of its own to be cheaper than "
+               "adding them to the full model's run (this server's timings): answered by the full model",
 }
+FIRST_ON_FULL = frozenset({"not_served", "batched"})  # fallback reasons of hinted rows the full model answered first
 
 
 class UnknownHint(UserError):
@@ -62,10 +67,11 @@ class Result(NamedTuple):
     route: str  # route the request was sent to ('full' without hint)
     model: str  # model file that answered (the full model after a fallback)
     fallback: bool
-    fallback_reason: Optional[str]  # a FALLBACK_REASONS key ('off_route' | 'low_confidence' | 'not_served') | None
+    fallback_reason: Optional[str]  # a FALLBACK_REASONS key | None
     wrong_hint: bool  # the full model's answer lies outside the hint's classes
     routed_probs: Optional[np.ndarray]  # (C,) the routed model's softmax when it was overruled
     index: int  # the answer's class: top-1 of probs, or under a route-probability rule the route's most probable class
+    routed_model: Optional[str] = None  # the model whose answer was overruled (with routed_probs)
 
 
 class Engine:
@@ -104,6 +110,22 @@ class Engine:
                 rule, served = AcceptRule(cfg.min_prob, 0.0), True
             self.routes[name] = ServingRoute(name, r["model"], frozenset(r["classes"]), r, rule, served)
         self.full_model = m["full"]["model"]
+        # the shared model (export --shared): route name -> its rule there, for the routes it serves
+        sh = m.get("shared") if cfg.shared_model and self.acceptance == "route" else None
+        self.shared_model: Optional[str] = sh["model"] if sh else None
+        self.shared_rules: dict[str, AcceptRule] = {} if not sh else {
+            n: AcceptRule.from_json(a["rule"]) for n, a in sh["routes"].items() if a["served"] and n in self.routes}
+        # every rule as a row of classes and thresholds, so that a batch's rules are applied in one numpy pass:
+        # each route's own, then each route's on the shared model
+        rules = [(n, r.classes, r.rule) for n, r in self.routes.items()]
+        rules += [(("shared", n), self.routes[n].classes, rule) for n, rule in self.shared_rules.items()]
+        self._rule_row = {key: k for k, (key, _, _) in enumerate(rules)}
+        self._in_route = np.zeros((len(rules), len(self.classes)), bool)  # (R, C)
+        self._thresholds = np.zeros((len(rules), 3), np.float32)  # (R, 3): min_prob, min_margin, min_route_prob
+        for k, (_, classes, rule) in enumerate(rules):
+            self._in_route[k, sorted(classes)] = True
+            mrp = rule.min_route_prob
+            self._thresholds[k] = (rule.min_prob, rule.min_margin, np.nan if mrp is None else mrp)
         unserved = [n for n, r in self.routes.items() if not r.served]
         if unserved and cfg.hint_mode == "verify":
             say(f"routes not served (their hints go to the full model, as export decided): {', '.join(unserved)}")
@@ -126,11 +148,35 @@ class Engine:
         if samples is not None and device == "cuda":
             # the stored logits are the CPU's: checked on CPU sessions, since CUDA kernels round differently
             verify_bundle(self.bundle, log=say)
+        # I/O binding always runs at the warmed sizes, so pad_batches off keeps 'auto' off (config refuses 'on')
+        self.io_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and device == "cuda"
+                                                     and cfg.pad_batches != "off")
+        graphs = self.io_binding and device == "cuda" and cfg.cuda_graph != "off"
+        # why CUDA graphs were asked for ('on') but cannot apply to this engine at all; None when they can
+        self.graph_not_applicable: Optional[str] = None if graphs or cfg.cuda_graph != "on" else (
+            f"the engine runs on {device}" if device != "cuda" else "io_binding is off")
+        if self.graph_not_applicable:
+            log.warning("cuda_graph on does not apply: %s", self.graph_not_applicable)
+        if graphs and cfg.warmup == "light":
+            log.warning("CUDA graphs with warmup light: a route model's graphs past batch 1 are captured on its first "
+                        "request at that size, not during warm-up")
+        self.graph_problems: dict[str, str] = {}  # model -> why it runs without a CUDA graph (not a readiness issue)
+        graph_sessions = set()
         for rel in paths:
             # require_device off: a session that fell back to the CPU becomes a readiness problem, not a crash
-            sess = open_session(self.bundle, rel, threads=cfg.threads or None, device=device, require_device=False,
-                                log=log.warning, env_allocator=cfg.shared_arena,
-                                initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
+            kw = dict(threads=cfg.threads or None, device=device, require_device=False, log=log.warning,
+                      env_allocator=cfg.shared_arena,
+                      initializers=self.shared.for_model(self.bundle / rel) if self.shared else None)
+            sess = None
+            if graphs:  # ONNX Runtime refuses a graph session when a compute node would run on the CPU
+                try:
+                    sess = open_session(self.bundle, rel, cuda_graph=True, **kw)
+                    graph_sessions.add(rel)
+                except UserError as e:
+                    self.graph_problems[rel] = f"no CUDA-graph session: {e}"
+                    log.warning("%s: plain I/O-bound runs instead", self.graph_problems[rel])
+            if sess is None:
+                sess = open_session(self.bundle, rel, **kw)
             if samples is not None and device == "cpu":  # parity of the very sessions that will serve
                 say(parity_line(rel, digests[rel], check_parity(m, samples, rel, sess),
                                 len(samples[m["samples"]["inputs"]])))
@@ -143,12 +189,24 @@ class Engine:
         for p in self.problems:
             log.error("!!! %s", p)
         self.device = "cuda" if self.requested_cuda and not self.problems else "cpu"
-        self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda")
+        self.pad = cfg.pad_batches == "on" or (cfg.pad_batches == "auto" and self.device == "cuda") or self.io_binding
         self.warm_sizes = warm_sizes(cfg.max_batch_size)
+        # one runner per session: bound buffers per warmed size, graphs captured on each size's first run (warm-up);
+        # the input buffers are one set for all of them (a DeiT-S batch of 64 is 38 MB: not one per route model)
+        pool = InputPool()
+        self.runners: dict[str, BoundRunner] = {} if not self.io_binding else {
+            rel: BoundRunner(sess, self.input_name, self.output_name, self.device, self.warm_sizes,
+                             cuda_graph=rel in graph_sessions and self.device == "cuda", pool=pool)
+            for rel, sess in self.sessions.items()}
         self.run_ms: dict[str, dict[int, float]] = {}  # model -> batch size -> ms per run, filled by warm_up
         self.run_ms_estimated: dict[str, list[int]] = {}  # model -> sizes of run_ms estimated from FLOPs (light warm-up)
         self.measured_cost: dict[str, float] = {}  # route -> right-hint cost vs unhinted here, by unserve_costlier
         self.unserved_why: dict[str, str] = {}  # route -> why unserve_costlier stopped serving it
+        self.fallback_rate: dict[str, float] = {}  # route model -> share of its rows rerun on full (batch_plan)
+        self.times = RunTimes()  # each model's ms per run in its rows, seeded by warm_up, refitted on runs
+        # refit on the CPU time of each run, which only the calling thread spends when ONNX Runtime has one thread
+        # (the server's wall time would count the event loop's turns on the core too)
+        self.refit = cfg.threads == 1
         say(f"{len(self.sessions)} sessions for {len(self.routes) - 1} routes + full on {self.device} "
             f"({', '.join(sorted({p[0] for p in self.providers.values()}))})")
 
@@ -173,8 +231,12 @@ class Engine:
         """Raw model run: x (N, C, S, S) float32 -> logits (N, num_classes).
 
         With padding on, x is first filled up with zero images to the next warmed batch size and the extra rows
-        are dropped from the answer (images never interact in a ViT, so the real rows are unchanged).
+        are dropped from the answer (images never interact in a ViT, so the real rows are unchanged). With I/O
+        binding on, the model's BoundRunner does the same in its bound buffers (service/binding.py).
         """
+        runner = self.runners.get(model)
+        if runner is not None:  # I/O binding: the runner pads to its bucket itself
+            return runner.run(x)
         n = x.shape[0]
         if self.pad:
             size = self.warm_size(n) or n
@@ -187,50 +249,89 @@ class Engine:
         r = self.routes[route]
         return r.model if r.served or self.cfg.hint_mode != "verify" else self.full_model
 
-    def run(self, x: np.ndarray, routes: Sequence[str]) -> list[Result]:
-        """Answer a batch: x (N, C, S, S), one route per row; the results keep the input order."""
+    def run(self, x: np.ndarray, routes: Sequence[str], merge: Optional[str] = None) -> list[Result]:
+        """Answer a batch: x (N, C, S, S), one route per row; the results keep the input order.
+
+        `merge` None follows cfg.batch_plan (service/plan.py); 'none' runs every hinted row on its route's model;
+        'full' answers every hinted row on the full model's run; 'shared' every one the shared model serves on
+        the shared model's. Rows given to the full model's run are 'batched' (in verify mode the hint still counts:
+        an answer passing the route's route-probability rule is the hint's most probable class); rows given to the
+        shared model are verified with the route's rule for it, like a route model's.
+        """
         n = len(routes)
         probs = np.empty((n, len(self.classes)), np.float32)
         answered_by = [self.model_for(r) for r in routes]
+        reasons: list[Optional[str]] = [None] * n
+        shared = [False] * n  # rows the shared model answers first
+        if merge is None and self.cfg.batch_plan == "cost":
+            plan = self.plan(routes, answered_by)
+            to_full, to_shared = plan.to_full, plan.to_shared
+        elif merge in (None, "none"):
+            to_full, to_shared = frozenset(), frozenset()
+        elif merge in ("full", "shared"):
+            hinted = frozenset(answered_by) - {self.full_model}
+            to_full, to_shared = (hinted, frozenset()) if merge == "full" else (frozenset(), hinted)
+        else:
+            raise ValueError(f"merge must be None, 'none', 'full' or 'shared', got {merge!r}")
+        for i, model in enumerate(answered_by):
+            if model in to_shared and routes[i] in self.shared_rules:
+                answered_by[i], shared[i] = self.shared_model, True
+            elif model in to_full or model in to_shared:
+                answered_by[i], reasons[i] = self.full_model, "batched"
         by_model: dict[str, list[int]] = {}
         for i, model in enumerate(answered_by):
             by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():  # one run per distinct model: routes sharing a mask share it
+            t0 = time.thread_time()
             probs[idx] = softmax(self.logits(model, x[idx] if len(idx) < n else x))
+            self._observe_run(model, len(idx), t0)
 
-        reasons: list[Optional[str]] = [None] * n
         index = probs.argmax(1)
         redo = []
         if self.cfg.hint_mode == "verify":
-            by_route: dict[str, list[int]] = {}
+            rows = []  # hinted rows that ran on their route model or were batched onto the full model's run
             for i, r in enumerate(routes):
                 if r == FULL:
                     continue
-                if not self.routes[r].served:
+                if reasons[i] is None and not self.routes[r].served:
                     reasons[i] = "not_served"  # answered by the full model already: nothing to rerun
                 else:
-                    by_route.setdefault(r, []).append(i)
-            for r, idx in by_route.items():
-                route = self.routes[r]
-                ok = accepted(probs[idx], sorted(route.classes), route.rule)
-                if not route.rule.top1_in_route:
-                    index[idx] = answer_index(probs[idx], route.classes, route.rule)
-                for i, good in zip(idx, ok):
-                    if not good:
-                        off = route.rule.top1_in_route and int(probs[i].argmax()) not in route.classes
-                        reasons[i] = "off_route" if off else "low_confidence"
+                    rows.append(i)
+            if rows:
+                k = [self._rule_row[("shared", routes[i]) if shared[i] else routes[i]] for i in rows]
+                p, in_route, thr = probs[rows], self._in_route[k], self._thresholds[k]
+                ok = accepted_rows(p, in_route, thr[:, 0], thr[:, 1], thr[:, 2])
+                by_route_prob = ~np.isnan(thr[:, 2])
+                answer = answer_rows(p, in_route, by_route_prob)
+                top_in = in_route[np.arange(len(rows)), p.argmax(1)]
+                seen: dict[str, list[int]] = {}  # route model -> [rows, rerun]
+                for j, i in enumerate(rows):
+                    if reasons[i] == "batched":  # the full model's answer, judged by the route's own rule
+                        if ok[j] and by_route_prob[j]:
+                            index[i] = answer[j]
+                        continue
+                    tally = seen.setdefault(("shared", routes[i]) if shared[i] else answered_by[i], [0, 0])
+                    tally[0] += 1
+                    if ok[j]:
+                        index[i] = answer[j]
+                    else:
+                        reasons[i] = "low_confidence" if by_route_prob[j] or top_in[j] else "off_route"
                         redo.append(i)
-            redo.sort()
-        routed = {}
+                        tally[1] += 1
+                self._observe_fallbacks(seen)
+        routed, overruled = {}, {}
         if redo:
             routed = {i: probs[i].copy() for i in redo}
+            overruled = {i: answered_by[i] for i in redo}
+            t0 = time.thread_time()
             probs[redo] = softmax(self.logits(self.full_model, x[redo]))
+            self._observe_run(self.full_model, len(redo), t0)
             index[redo] = probs[redo].argmax(1)
             for i in redo:
                 answered_by[i] = self.full_model
         return [Result(probs[i], r, answered_by[i], reasons[i] is not None, reasons[i],
                        reasons[i] is not None and int(probs[i].argmax()) not in self.routes[r].classes,
-                       routed.get(i), int(index[i])) for i, r in enumerate(routes)]
+                       routed.get(i), int(index[i]), overruled.get(i)) for i, r in enumerate(routes)]
 
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
         """Run the sessions `rounds` times per batch size (powers of two up to max_batch_size); returns seconds taken.
@@ -240,7 +341,9 @@ class Engine:
         session at every size; 'light' runs the full model at every size and every other model at batch 1 only, and
         fills in a route model's larger sizes as the full model's time x the model's FLOPs relative to full (listed in
         `run_ms_estimated`). On the CPU a session's first run at a new batch size is no slower than its next ones,
-        while warming 100 route models at 7 sizes took minutes.
+        while warming 100 route models at 7 sizes took minutes. With several models, the batch-1 time recorded is
+        that of runs made in turn, each model after all the others: in a batch of mixed hints each route model runs
+        once, with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run).
         """
         t0 = time.perf_counter()
         s = self.spec.img_size
@@ -257,6 +360,16 @@ class Engine:
                     times.append((time.perf_counter() - t) * 1000.0)
                 if times:
                     self.run_ms.setdefault(model, {})[b] = round(float(np.median(times[1:] or times)), 4)
+        if len(self.sessions) > 1 and rounds:
+            x = np.zeros((1, c, s, s), np.float32)
+            cold: dict[str, list[float]] = {m: [] for m in self.sessions}
+            for _ in range(rounds):
+                for model in self.sessions:
+                    t = time.perf_counter()
+                    self.logits(model, x)
+                    cold[model].append((time.perf_counter() - t) * 1000.0)
+            for model, times in cold.items():
+                self.run_ms[model][1] = round(float(np.median(times)), 4)
         full = self.run_ms.get(self.full_model, {})
         if light and full:
             for model in self.sessions:
@@ -266,13 +379,24 @@ class Engine:
                     self.run_ms.setdefault(model, {})[b] = round(full[b] * rel, 4)
                 if missing:
                     self.run_ms_estimated[model] = missing
+        for model, points in self.run_ms.items():
+            self.times.seed(model, points)
+        self.fallback_rate = {}
+        for name, r in self.routes.items():  # export's validation rate per route model, the plan's prior
+            val = ((r.entry.get("acceptance") or {}).get("val") or {}) if name != FULL else {}
+            if "fallback" in val and self.acceptance == "route":
+                self.fallback_rate.setdefault(r.model, float(val["fallback"]))
+        for name in self.shared_rules:  # and each route's on the shared model
+            self.fallback_rate[("shared", name)] = float(self.manifest["shared"]["routes"][name]["val"]["fallback"])
         return time.perf_counter() - t0
 
     def unserve_costlier(self) -> list[str]:
-        """After warm_up, in verify mode with per-route rules: stop serving each route whose right-hint request
-        costs at least an unhinted one here, run_ms[route][1] + val fallback x run_ms[full][1] >= run_ms[full][1]
-        (records every served route's ratio in `measured_cost`). Returns the routes it stopped serving."""
-        if self.cfg.hint_mode != "verify" or self.acceptance != "route":
+        """After warm_up, in verify mode with per-route rules and batch plan 'route': stop serving each route whose
+        right-hint request costs at least an unhinted one here, run_ms[route][1] + val fallback x run_ms[full][1] >=
+        run_ms[full][1] (records every served route's ratio in `measured_cost`). Returns the routes it stopped
+        serving. With batch plan 'cost' it does nothing: the plan makes the same comparison for every batch, at the
+        batch's size, and its answers on the full model still weigh the hint by the route's rule."""
+        if self.cfg.hint_mode != "verify" or self.acceptance != "route" or self.cfg.batch_plan == "cost":
             return []
         full = self.run_ms.get(self.full_model, {}).get(1)
         if not full:
@@ -311,6 +435,74 @@ class Engine:
         """The smallest warmed batch size that holds n images; None past the largest."""
         return next((b for b in self.warm_sizes if b >= n), None)
 
+    # ------------------------------------------------------------------------------------------ batch plan
+
+    def run_time(self, model: str, rows: float) -> float:
+        """Expected ms of one run of `model` on `rows` images, from the warm-up timings: the padded bucket's time
+        when padding, else linear between the warmed sizes around it (per row past the largest). A fractional
+        count below 1 is the chance of a run at all: rows x the batch-1 time. inf for an untimed model."""
+        t = self.run_ms.get(model)
+        if rows <= 0:
+            return 0.0
+        if not t:
+            return float("inf")
+        sizes = sorted(t)
+        if rows < 1:
+            return rows * t[sizes[0]]
+        if rows >= sizes[-1]:
+            return t[sizes[-1]] * rows / sizes[-1]
+        if self.pad:
+            size = self.warm_size(int(np.ceil(rows)))
+            if size in t:
+                return t[size]
+        hi = next(b for b in sizes if b >= rows)
+        lo = max((b for b in sizes if b <= rows), default=hi)
+        if hi == lo:
+            return t[hi]
+        return t[lo] + (t[hi] - t[lo]) * (rows - lo) / (hi - lo)
+
+    def plan(self, routes: Sequence[str], answered_by: Sequence[str]):
+        """The batch plan (service/plan.py) for rows on these routes that would first run on these models: which
+        route models' rows the full model's run, or the shared model's, should answer instead. Nothing moves before
+        warm-up has timed the models; a group goes to the shared model only if it serves every route in it."""
+        rows: dict[str, list[str]] = {}
+        for r, model in zip(routes, answered_by):
+            rows.setdefault(model, []).append(r)
+        full_rows = len(rows.pop(self.full_model, ()))
+        if not rows or self.full_model not in self.run_ms:
+            return plan_batch([], full_rows, self.full_model, self.run_time)
+        verify = self.cfg.hint_mode == "verify"
+        groups = []
+        for model, names in rows.items():
+            on_shared = None
+            if self.shared_model is not None and all(r in self.shared_rules for r in names):
+                on_shared = float(np.mean([self.fallback_rate.get(("shared", r), 0.0) for r in names])) if verify else 0.0
+            groups.append(Group(model, len(names), self.fallback_rate.get(model, 0.0) if verify else 0.0, on_shared))
+        return plan_batch(groups, full_rows, self.full_model, self.serving_time, self.shared_model)
+
+    def serving_time(self, model: str, rows: float) -> float:
+        """What the plan weighs: a run's ms by this server's fitted times (`times`), at the padded bucket when
+        padding; the warm-up table (`run_time`) for a model not fitted."""
+        if self.times.line(model) is None:
+            return self.run_time(model, rows)
+        return self.times.ms(model, self._rows_run(rows) if rows >= 1 else rows)
+
+    def _rows_run(self, rows: float) -> float:
+        """Rows a run on `rows` images really computes: the padded bucket's when padding."""
+        return float(self.warm_size(int(np.ceil(rows))) or rows) if self.pad else rows
+
+    def _observe_run(self, model: str, rows: int, t0: float) -> None:
+        if self.refit:
+            self.times.observe(model, self._rows_run(rows), (time.thread_time() - t0) * 1000.0)
+
+    def _observe_fallbacks(self, seen: dict) -> None:
+        """Follow each route model's share of rows rerun on the full model, and each route's on the shared model
+        (what the plan counts; `seen`: model or ('shared', route) -> [rows, rerun] of one batch): an exponential
+        average over rows, about the last 50, started from export's validation rate (`warm_up`)."""
+        for model, (rows, rerun) in seen.items():
+            share, keep = rerun / rows, 0.98 ** rows
+            self.fallback_rate[model] = keep * self.fallback_rate.get(model, share) + (1.0 - keep) * share
+
     # ------------------------------------------------------------------------------------------ listing
 
     def describe(self) -> dict:
@@ -346,7 +538,28 @@ class Engine:
                              "providers": self.providers[m]} for m in self.sessions},
             "device": self.device,
             "pad_batches": self.pad,
+            # batch_plan 'cost': each route model's followed share of rows rerun on full, which the plan counts
+            "batch_plan": {"mode": self.cfg.batch_plan,
+                           # fitted ms per run and per row, as the plan weighs them
+                           "run_ms_line": {m: [round(v, 4) for v in self.times.line(m)] for m in self.sessions
+                                           if self.times.line(m) is not None},
+                           "fallback_rate": {m: round(v, 4) for m, v in self.fallback_rate.items()
+                                             if isinstance(m, str)},
+                           "shared_fallback_rate": {m[1]: round(v, 4) for m, v in self.fallback_rate.items()
+                                                    if not isinstance(m, str)}},
+            # the shared model (export --shared) and the routes it serves, or None
+            "shared": None if self.shared_model is None else {
+                "model": self.shared_model, "flops_rel": self.manifest["shared"].get("flops_rel"),
+                "head_usage": self.manifest["shared"].get("head_usage"), "routes": sorted(self.shared_rules)},
             "warm_batch_sizes": self.warm_sizes,
+            "io_binding": {"enabled": self.io_binding, "requested": self.cfg.io_binding,
+                           "unbound_runs": {m: r.unbound_runs for m, r in self.runners.items()}},
+            "cuda_graph": {"enabled": any(r.cuda_graph and r.graph_error is None for r in self.runners.values()),
+                           "requested": self.cfg.cuda_graph, "not_applicable": self.graph_not_applicable,
+                           # per model: the sizes whose graph was captured, and why it has none if so
+                           "models": {m: {"captured": sorted(r.captured),
+                                          "problem": self.graph_problems.get(m) or r.graph_error}
+                                      for m, r in self.runners.items() if r.cuda_graph or m in self.graph_problems}},
             "data_spec": _data_spec(self.manifest),
         }
 

@@ -144,7 +144,7 @@ class SteerPrune:
                 if dropped:
                     log.info("routes not served (costlier than the full model by this server's timings): %s",
                              ", ".join(f"{n} {self.engine.measured_cost[n]:.3f}" for n in dropped))
-                self.listing = dict(self.listing, **self.engine.describe())
+            self.listing = dict(self.listing, **self.engine.describe())  # warm-up timings, priors, graphs
             b = self.cfg.max_batch_size
             self.item_ms = {r: self.engine.expected_ms([r] * b) / b for r in self.engine.routes}
         except Exception:  # noqa: BLE001 - stays unready; the log says why
@@ -228,7 +228,12 @@ class SteerPrune:
         probs = res.probs
         order = np.argsort(-probs, kind="stable")[:top_k]
         idx = res.index  # order[0], except under a route-probability rule: the hint's most probable class
-        model_entry = eng.routes[FULL].entry if res.fallback else eng.routes[res.route].entry
+        if res.fallback:
+            model_entry = eng.routes[FULL].entry
+        elif res.model == eng.shared_model and res.model != eng.routes[res.route].model:
+            model_entry = eng.manifest["shared"]  # the batch plan gave it to the shared model
+        else:
+            model_entry = eng.routes[res.route].entry
         out = {
             "label": eng.classes[idx], "index": idx, "prob": float(probs[idx]),
             "scores": [{"label": eng.classes[int(i)], "index": int(i), "prob": float(probs[i])} for i in order],
@@ -239,8 +244,11 @@ class SteerPrune:
         }
         if res.routed_probs is not None:
             r = int(res.routed_probs.argmax())
-            out["routed"] = {"label": eng.classes[r], "index": r, "prob": float(res.routed_probs[r])}
-        REQUESTS.labels(route=res.route, answered_by="full" if res.fallback or res.route == FULL else "route").inc()
+            out["routed"] = {"label": eng.classes[r], "index": r, "prob": float(res.routed_probs[r]),
+                             "model": res.routed_model}
+        by = ("full" if res.fallback or res.route == FULL else
+              "shared" if model_entry is eng.manifest.get("shared") else "route")
+        REQUESTS.labels(route=res.route, answered_by=by).inc()
         if res.fallback:
             FALLBACKS.labels(route=res.route, reason=res.fallback_reason).inc()
         if res.wrong_hint:

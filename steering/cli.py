@@ -101,6 +101,8 @@ def _steer(args) -> int:
         return 0
     if args.tau is not None and not 0 < args.tau <= 1:
         raise UserError(f"--tau must be in (0, 1], got {args.tau}")
+    if args.max_off_route is not None and args.max_off_route < 1:
+        raise UserError(f"--max-off-route must be >= 1, got {args.max_off_route}")
     opts = {k: getattr(args, k) for k in ("rank", "rank_images", "layers", "ks", "alphas", "tau", "aggregate", "eps",
                                           "seed", "zero_shot_pool", "spotlight", "choose",
                                           "max_off_route")

@@ -158,3 +158,27 @@ def test_route_probability_rule_is_held_by_the_wrong_hint_bound():
     assert w_acc >= (w_full == w_labels).mean() - 0.05 - 1e-12 and both.wrong.acc == pytest.approx(w_acc)
     strict = choose_rule(routed, full, labels, [0], 0.5, wrong=(w_routed, w_full, w_labels), wrong_eps=0.0)
     assert strict.score.fallback >= both.score.fallback  # a tighter bound accepts no more
+
+
+def test_row_wise_rules_equal_the_per_route_rules():
+    """accepted_rows / answer_rows (the service's one-pass form) agree with accepted / answer_index route by route."""
+    from steerprune.export.acceptance import accepted_rows, answer_index, answer_rows
+
+    rng = np.random.default_rng(3)
+    probs = softmax(rng.normal(size=(200, 12)) * 3)
+    routes = [({1, 4}, AcceptRule(0.3, 0.0)), ({0}, AcceptRule(0.0, 0.2)), ({2, 3, 5}, AcceptRule(0.0, 0.0, 0.4)),
+              ({7}, AcceptRule(0.1, 0.05, 0.02))]
+    which = rng.integers(len(routes), size=len(probs))
+    in_route = np.zeros(probs.shape, bool)
+    thr = np.zeros((len(probs), 3))
+    for i, w in enumerate(which):
+        cls, rule = routes[w]
+        in_route[i, sorted(cls)] = True
+        thr[i] = (rule.min_prob, rule.min_margin, np.nan if rule.min_route_prob is None else rule.min_route_prob)
+    ok = accepted_rows(probs, in_route, thr[:, 0], thr[:, 1], thr[:, 2])
+    ans = answer_rows(probs, in_route, ~np.isnan(thr[:, 2]))
+    for w, (cls, rule) in enumerate(routes):
+        idx = np.flatnonzero(which == w)
+        np.testing.assert_array_equal(ok[idx], accepted(probs[idx], sorted(cls), rule))
+        np.testing.assert_array_equal(ans[idx], answer_index(probs[idx], cls, rule))
+    assert 0 < ok.mean() < 1

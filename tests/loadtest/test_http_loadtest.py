@@ -35,14 +35,15 @@ def test_loadtest_report_over_http(server, tiny_bundle, tmp_path):
                                          out=str(out)), log=lambda *_: None)
     assert report["errors"] == 0 and report["requests"] == report["ok"] == 120  # sweep: 120 distinct images
     assert report["inprocess"]["answers_differing_from_offline"] == 0  # served flags taken from the server
+    assert report["inprocess"]["answers_differing_from_offline"] == 0  # each checked against the run it got
     listing = json.loads(get(server.url, "/routes")[1])
-    for name, r in listing["routes"].items():  # the server weighed every route export served by its own timings
-        a = r["acceptance"]
-        if a["measured_cost"] is not None:
-            assert a["measured_cost"] > 0 and a["served"] == (a["measured_cost"] < 1.0), name
-            if not a["served"]:
-                assert "measured on this server" in a["reason"]
-    assert any(r["acceptance"]["measured_cost"] is not None for r in listing["routes"].values())
+    # the default batch plan weighs this server's timings per batch, instead of unserving routes by batch-1 timings
+    plan = listing["batch_plan"]
+    assert plan["mode"] == "cost" and set(plan["run_ms_line"]) == set(listing["sessions"])
+    assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 0 and v[0] + v[1] > 0  # ms per run + per row
+               for v in plan["run_ms_line"].values())
+    assert all(r["acceptance"]["measured_cost"] is None for r in listing["routes"].values())
+    assert set(plan["fallback_rate"]) <= set(listing["sessions"])
     assert set(report["latency_by_kind"]) == {"right", "wrong", "none"}
     assert 0 < report["server_share_of_inprocess_throughput"] < 10
     assert report["server_cpu_ms_per_request"] > 0

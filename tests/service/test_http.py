@@ -30,10 +30,10 @@ def server_env(tmp_path) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    # answers are compared with an offline Engine: keep export's served flags (the timing decision is the
-    # server's own, tested in test_offline and over HTTP in tests/loadtest)
+    # answers are compared with an offline Engine: keep export's served flags and every hinted row on its route
+    # model (the timing decisions are the server's own, tested in test_offline and over HTTP in tests/loadtest)
     proc = start_server(tiny_bundle, port=free_port(), timeout=120, log_path=tmp / "server.log",
-                        env=server_env(tmp), threads=1, unserve_costlier=False)
+                        env=server_env(tmp), threads=1, unserve_costlier=False, batch_plan="route")
     yield proc
     stop_server(proc)
 
@@ -275,7 +275,7 @@ def test_readiness_waits_for_warm_up_and_trust_mode(tiny_bundle, digits, tmp_pat
 
     port = free_port()
     env = env_for(tiny_bundle, base=server_env(tmp_path), hint_mode="trust", unknown_hint="full", warmup_rounds=60,
-                  verify=False, threads=1, inline_ms=0, gc_young_ms=0)
+                  verify=False, threads=1, inline_ms=0, gc_young_ms=0, batch_plan="route")
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -338,7 +338,8 @@ def test_cuda_server_answers_like_the_cpu_engine(tiny_bundle, offline, digits, t
     if not gpu_visible():
         pytest.skip("no NVIDIA GPU visible")
     proc = start_server(tiny_bundle, port=free_port(), timeout=180, log_path=tmp_path / "server.log",
-                        env=server_env(tmp_path), device="cuda", verify=False, unserve_costlier=False)
+                        env=server_env(tmp_path), device="cuda", verify=False, unserve_costlier=False,
+                        batch_plan="route")
     try:
         body = requests.get(proc.url + "/routes", timeout=5).json()
         assert body["device"] == "cuda" and body["ready"] is True

@@ -222,7 +222,7 @@ def test_engine_applies_a_route_probability_rule(tiny_bundle, tmp_path, digits_t
 
 def test_routes_costlier_than_the_full_model_by_measured_time_are_not_served(tiny_bundle, digits_test):
     """unserve_costlier: route ms at batch 1 + val fallback x full ms >= full ms -> the hint goes to the full model."""
-    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, batch_plan="route"))
     served = [n for n in eng.hint_names() if eng.routes[n].served]
     assert len(served) >= 2
     cheap, dear = served[0], served[1]
@@ -246,6 +246,9 @@ def test_routes_costlier_than_the_full_model_by_measured_time_are_not_served(tin
     trust = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, hint_mode="trust"))
     trust.run_ms = eng.run_ms
     assert trust.unserve_costlier() == []  # trust mode never reruns: nothing to weigh
+    planned = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))
+    planned.run_ms = eng.run_ms
+    assert planned.unserve_costlier() == []  # the cost plan weighs the same timings for every batch instead
 
 
 def test_schema_1_bundle_gets_the_global_rule(tiny_bundle, tmp_path):
@@ -464,3 +467,40 @@ def test_greedy_batcher_runs_approved_batches_on_the_event_loop(inline_ok):
     assert results == [i * 10 for i in range(10)]  # every caller gets its own answer, in order
     assert max(sizes) <= 4 and sum(sizes) == 10
     assert threads == ({loop_thread} if inline_ok else threads - {loop_thread}) and threads
+
+
+def test_batch_plan_gives_scattered_hints_to_the_full_models_run(tiny_bundle, digits_test):
+    """batch_plan 'cost': one row per route model costs more than those rows on the full model's run, so the full model
+    answers them ('batched'); a batch of one route's rows stays on its model; 'route' never merges."""
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))
+    by_model = {}
+    for n in eng.hint_names():
+        if eng.routes[n].served:
+            by_model.setdefault(eng.routes[n].model, n)
+    hints = list(by_model.values())
+    assert len(hints) >= 2
+    # timings shaped like a small model on the CPU: a fixed cost per run plus a cost per row (route models: 0.8 of it)
+    eng.run_ms = {m: {b: 1.0 + b * (1.0 if m == eng.full_model else 0.8) for b in eng.warm_sizes}
+                  for m in eng.sessions}
+    assert eng.times.line(eng.full_model) is None  # no warm-up: the plan weighs the made-up table as it is
+    x16 = normalize(digits_test.images[:16], eng.spec)
+    one = eng.run(x16, [hints[0]] * 16)
+    assert not any(o.fallback_reason == "batched" for o in one)
+    assert any(o.model == eng.routes[hints[0]].model for o in one)
+    assert 0.0 <= eng.fallback_rate[eng.routes[hints[0]].model] <= 1.0  # followed from what it reran
+
+    x = normalize(digits_test.images[:len(hints)], eng.spec)
+    full = softmax(eng.logits(eng.full_model, x))
+    res = eng.run(x, hints)
+    assert [o.fallback_reason for o in res] == ["batched"] * len(hints)
+    assert all(o.fallback and o.model == eng.full_model and o.routed_probs is None for o in res)
+    assert [o.index for o in res] == full.argmax(1).tolist()
+    np.testing.assert_allclose(np.stack([o.probs for o in res]), full, atol=1e-5)
+    assert eng.plan(hints, [eng.model_for(h) for h in hints]).expected_ms == pytest.approx(eng.run_ms[eng.full_model][
+        eng.warm_size(len(hints))] if eng.pad else 1.0 + len(hints))
+
+    route = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, batch_plan="route"))
+    route.run_ms = eng.run_ms
+    assert not any(o.fallback_reason == "batched" for o in route.run(x, hints))
+    untimed = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))  # before warm-up nothing is merged
+    assert not any(o.fallback_reason == "batched" for o in untimed.run(x, hints))

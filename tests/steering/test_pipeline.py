@@ -200,7 +200,7 @@ def test_cli_groups_and_errors(tiny_run, tmp_path, capsys):
     assert main(["steer", str(tmp_path / "no_run")]) == 2
     assert main(["steer", str(tiny_run), "--max-off-route", "0", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
-    assert "groups file not found" in err and "cannot steer layers" in err and "max_off_route must be >= 1" in err
+    assert "groups file not found" in err and "cannot steer layers" in err and "--max-off-route must be >= 1" in err
 
 
 def test_choice_pools_group_routes_that_share_k_and_alpha():
