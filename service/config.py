@@ -115,10 +115,10 @@ class ServeConfig:
     batch_plan: str = "cost"
     """cost: in each batch, the requests hinted to one route model run on it only when that run (plus the fallback
     reruns expected at the route's observed rate) is expected to take less than adding them to the full model's run
-    of the same batch, by this server's warm-up timings; otherwise the full model answers them
-    (fallback_reason 'batched'). With many routes and little traffic per route a batch holds one request per route
-    model, and a batch-1 run costs more than a row of a full-model batch | route: every hinted request runs on its
-    route's model."""
+    of the same batch (or the shared model's), by this server's run times (warm-up, refitted while serving with
+    threads 1); otherwise the full model answers them (fallback_reason 'batched') or the shared model does. With
+    many routes and little traffic per route a batch holds one request per route model, and a batch-1 run costs
+    more than a row of a full-model batch | route: every hinted request runs on its route's model."""
     shared_model: bool = True
     """batch_plan 'cost' with a bundle that has a shared model (`export --shared`): the plan may also answer a
     batch's scattered hints on it, under each route's rule for it, instead of on the full model."""
