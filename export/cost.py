@@ -74,7 +74,8 @@ def _flops(engine, r) -> float:
 
     if engine.model_for(r.route) == engine.full_model or r.fallback_reason in FIRST_ON_FULL:
         return 1.0
-    return float(engine.routes[r.route].entry["flops_rel"]) + (1.0 if r.fallback else 0.0)
+    first = r.routed_model if r.fallback else r.model  # the route's model, or the shared model the plan chose
+    return float(engine.manifest["models"][first]["flops_rel"]) + (1.0 if r.fallback else 0.0)
 
 
 def _pred(results) -> np.ndarray:

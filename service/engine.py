@@ -263,6 +263,7 @@ class Engine:
         answered_by = [self.model_for(r) for r in routes]
         reasons: list[Optional[str]] = [None] * n
         shared = [False] * n  # rows the shared model answers first
+        self.times.tick()
         if merge is None and self.cfg.batch_plan == "cost":
             plan = self.plan(routes, answered_by)
             to_full, to_shared = plan.to_full, plan.to_shared

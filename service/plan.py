@@ -76,16 +76,22 @@ def plan_batch(groups: Sequence[Group], full_rows: int, full_model: str, ms: Cal
 
 
 class RunTimes:
-    """Each model's ms per run as a + b x rows, fitted by exponentially weighted least squares: seeded with its
-    warm-up timings (`seed`), then refitted on every run (`observe`). Warm-up times each model many times in a row
-    on an idle core; while serving, a route model in a mixed batch runs with its weights out of the CPU's caches,
-    and a loaded machine is slower still. A model never seeded stays unknown (`ms` is inf)."""
+    """Each model's ms per run as a + b x rows (a, b >= 0), fitted by weighted least squares on its warm-up timings
+    (`seed`, always counting `prior_weight` runs) and on the runs observed while serving (`observe`), whose weight
+    decays by `decay` per batch (`tick`). Warm-up times each model many times in a row on an idle core; while
+    serving, a route model in a mixed batch runs with its weights out of the CPU's caches. A model the plan stops
+    choosing is no longer observed, and its observations fade: after some hundred batches it is judged by its
+    warm-up timings again, so one slow run cannot shut a model out for good. A model never seeded stays unknown
+    (`ms` is inf)."""
 
     def __init__(self, decay: float = 0.98, prior_weight: float = 10.0):
-        self.decay = decay  # weight of the past per run: about the last 1 / (1 - decay) runs count
+        self.decay = decay  # weight of the observations per batch: about the last 1 / (1 - decay) batches count
         self.prior_weight = prior_weight  # the warm-up timings count as this many runs
-        self._sums: dict[str, list[float]] = {}  # model -> weighted sums of 1, n, n^2, t, n t
-        self._lines: dict[str, tuple[float, float]] = {}
+        self.clock = 0  # batches so far
+        self._prior: dict[str, list[float]] = {}  # model -> weighted sums of 1, n, n^2, t, n t (warm-up)
+        self._obs: dict[str, list[float]] = {}  # the same over observed runs, decayed to `_at`
+        self._at: dict[str, int] = {}
+        self._lines: dict[str, tuple[int, tuple[float, float]]] = {}  # model -> (clock, line)
 
     def seed(self, model: str, points: dict) -> None:
         """Start `model` from {rows: ms} (warm-up: at least one size)."""
@@ -96,42 +102,57 @@ class RunTimes:
         for n, t in points.items():
             for k, v in enumerate((1.0, n, n * n, t, n * t)):
                 sums[k] += w * v
-        self._sums[model] = sums
-        self._fit(model)
+        self._prior[model], self._obs[model], self._at[model] = sums, [0.0] * 5, self.clock
+        self._lines.pop(model, None)
+
+    def tick(self) -> None:
+        """One more batch: every observation so far weighs `decay` times less."""
+        self.clock += 1
 
     def observe(self, model: str, rows: float, ms: float) -> None:
         """One run of `model` on `rows` images took `ms`; ignored for a model never seeded."""
-        sums = self._sums.get(model)
-        if sums is None:
+        if model not in self._prior:
             return
+        obs = self._decayed(model)
         for k, v in enumerate((1.0, rows, rows * rows, ms, rows * ms)):
-            sums[k] = self.decay * sums[k] + v
-        self._fit(model)
+            obs[k] += v
+        self._lines.pop(model, None)
 
-    def _fit(self, model: str) -> None:
-        w, wn, wnn, wt, wnt = self._sums[model]
-        det = w * wnn - wn * wn
-        if det <= 1e-9 * w * w:  # one size only: a time per run, no slope
-            self._lines[model] = (0.0, wt / wn) if wn else (wt / w, 0.0)
-            return
-        b = (w * wnt - wn * wt) / det
-        a = (wt - b * wn) / w
-        if b < 0:  # neither a run nor a row costs less than nothing: the best fit within a >= 0, b >= 0
-            a, b = wt / w, 0.0
-        elif a < 0:
-            a, b = 0.0, wnt / wnn
-        self._lines[model] = (a, b)
+    def _decayed(self, model: str) -> list[float]:
+        obs, age = self._obs[model], self.clock - self._at[model]
+        if age:
+            f = self.decay ** age
+            obs[:] = [v * f for v in obs]
+            self._at[model] = self.clock
+        return obs
 
     def line(self, model: str) -> Optional[tuple[float, float]]:
-        """(ms per run, ms per row) of `model`, or None."""
-        return self._lines.get(model)
+        """(ms per run, ms per row) of `model` now, or None."""
+        if model not in self._prior:
+            return None
+        cached = self._lines.get(model)
+        if cached is not None and cached[0] == self.clock:
+            return cached[1]
+        w, wn, wnn, wt, wnt = (p + o for p, o in zip(self._prior[model], self._decayed(model)))
+        det = w * wnn - wn * wn
+        if det <= 1e-9 * w * w:  # one size only: a time per row, no time per run
+            a, b = (0.0, wt / wn) if wn else (wt / w, 0.0)
+        else:
+            b = (w * wnt - wn * wt) / det
+            a = (wt - b * wn) / w
+            if b < 0:  # neither a run nor a row costs less than nothing: the best fit within a >= 0, b >= 0
+                a, b = wt / w, 0.0
+            elif a < 0:
+                a, b = 0.0, wnt / wnn
+        self._lines[model] = (self.clock, (a, b))
+        return a, b
 
     def ms(self, model: str, rows: float) -> float:
         """Expected ms of one run on `rows` images (0 for none; below 1 row, the chance of a run at all times its
         one-row time); inf for an unknown model. Never below a tenth of the one-row time per row."""
         if rows <= 0:
             return 0.0
-        line = self._lines.get(model)
+        line = self.line(model)
         if line is None:
             return float("inf")
         a, b = line

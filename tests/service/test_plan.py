@@ -102,7 +102,7 @@ def test_scattered_hints_go_to_the_shared_model_where_it_serves_them():
 def test_run_times_fit_the_warm_up_line_and_follow_what_runs_take():
     from steerprune.service.plan import RunTimes
 
-    t = RunTimes(decay=0.9, prior_weight=10.0)
+    t = RunTimes(decay=0.98, prior_weight=10.0)
     assert t.ms("m", 4) == float("inf") and t.line("m") is None
     t.observe("m", 1, 5.0)  # never seeded: ignored
     assert t.line("m") is None
@@ -110,11 +110,15 @@ def test_run_times_fit_the_warm_up_line_and_follow_what_runs_take():
     a, b = t.line("m")
     assert (a, b) == pytest.approx((1.0, 0.5))
     assert t.ms("m", 10) == pytest.approx(6.0) and t.ms("m", 0) == 0.0 and t.ms("m", 0.5) == pytest.approx(0.75)
-    for _ in range(60):  # serving: every one-row run takes 3 ms (cold caches), bigger ones as warm-up said
+    for _ in range(200):  # serving: every one-row run takes 3 ms (cold caches), bigger ones as warm-up said
+        t.tick()
         t.observe("m", 1, 3.0)
         t.observe("m", 16, 9.0)
-    a, b = t.line("m")
-    assert t.ms("m", 1) == pytest.approx(3.0, abs=0.05) and t.ms("m", 16) == pytest.approx(9.0, abs=0.05)
+    # the observations (~100 runs of each) outweigh the warm-up prior (10 runs)
+    assert t.ms("m", 1) == pytest.approx(3.0, abs=0.2) and t.ms("m", 16) == pytest.approx(9.0, abs=0.2)
+    for _ in range(800):  # no longer run: its observations fade and the warm-up line is back
+        t.tick()
+    assert t.line("m") == pytest.approx((1.0, 0.5), abs=0.01)
     t.seed("one", {1: 2.0})  # a single size: a time per row
     assert t.ms("one", 3) == pytest.approx(6.0)
     t.seed("noisy", {1: 1.0, 2: 0.9})  # falling with rows: no slope, the mean per run
