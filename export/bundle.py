@@ -285,7 +285,9 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
             preds[rel][own] = _ort_predict(sess, test_x[np.flatnonzero(own)]).argmax(1)
     full_acc = float((preds[FULL_FILE] == labels).mean())
     val_x = ImageTensors(data.val.images, bcfg)
-    choices = _choose_acceptance(routes, distinct, models, sessions, val_x, data.val.labels, eps, wrong_eps, log)
+    val_full_pred = _ort_predict(sessions[FULL_FILE], val_x).argmax(1)  # one full-model pass for both searches
+    choices = _choose_acceptance(routes, distinct, models, sessions, val_x, data.val.labels, val_full_pred, eps,
+                                 wrong_eps, log)
     shared_entry = None
     if shared_file is not None:  # every route's rule again, for the shared model's answers to its hints
         twins = [ExportRoute({**r, "mask": picked[0], "mlp_units": None}) for r in routes]
@@ -293,8 +295,8 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         shared_entry = {
             "model": shared_file, "sha256": sm["sha256"], "mask": sm["mask"], "kept_heads": sm["kept_heads"],
             "head_usage": sm["head_usage"], "flops_rel": sm["flops_rel"], "source": shared_from,
-            "routes": _choose_acceptance(twins, distinct, models, sessions, val_x, data.val.labels, eps, wrong_eps,
-                                         lambda line: log("shared model, " + line))}
+            "routes": _choose_acceptance(twins, distinct, models, sessions, val_x, data.val.labels, val_full_pred,
+                                         eps, wrong_eps, lambda line: log("shared model, " + line))}
         log(f"shared model {shared_file}: FLOPs {sm['flops_rel']:.3f} of full, served for "
             f"{sum(a['served'] for a in shared_entry['routes'].values())} of {len(routes)} routes")
 
@@ -356,14 +358,13 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     return manifest
 
 
-def _choose_acceptance(routes, distinct, models, sessions, val_x, val_labels: np.ndarray, eps: float,
-                       wrong_eps: float, log) -> dict:
+def _choose_acceptance(routes, distinct, models, sessions, val_x, val_labels: np.ndarray, full_pred: np.ndarray,
+                       eps: float, wrong_eps: float, log) -> dict:
     """Each route's acceptance rule (export/acceptance.py) from ONNX Runtime outputs of its model and the full model
-    on the validation images of its classes (right hints) and on up to N_WRONG others (wrong hints); returns
-    {route name: manifest acceptance entry}."""
+    on the validation images of its classes (right hints) and on up to N_WRONG others (wrong hints); `full_pred`:
+    the full model's top-1 on every validation image. Returns {route name: manifest acceptance entry}."""
     from .acceptance import softmax
 
-    full_pred = _ort_predict(sessions[FULL_FILE], val_x).argmax(1)
     rng = np.random.default_rng(0)
     out = {}
     for r in routes:

@@ -290,7 +290,7 @@ class Engine:
         index = probs.argmax(1)
         redo = []
         if self.cfg.hint_mode == "verify":
-            rows = []  # hinted rows that ran on their route model or were batched onto the full model's run
+            rows = []  # hinted rows that ran on their route model or the shared one, or were batched onto full
             for i, r in enumerate(routes):
                 if r == FULL:
                     continue
@@ -305,7 +305,7 @@ class Engine:
                 by_route_prob = ~np.isnan(thr[:, 2])
                 answer = answer_rows(p, in_route, by_route_prob)
                 top_in = in_route[np.arange(len(rows)), p.argmax(1)]
-                seen: dict[str, list[int]] = {}  # route model -> [rows, rerun]
+                seen: dict = {}  # route model, or ('shared', route) -> [rows, rerun]
                 for j, i in enumerate(rows):
                     if reasons[i] == "batched":  # the full model's answer, judged by the route's own rule
                         if ok[j] and by_route_prob[j]:
@@ -438,40 +438,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ batch plan
 
-    def run_time(self, model: str, rows: float) -> float:
-        """Expected ms of one run of `model` on `rows` images, from the warm-up timings: the padded bucket's time
-        when padding, else linear between the warmed sizes around it (per row past the largest). A fractional
-        count below 1 is the chance of a run at all: rows x the batch-1 time. inf for an untimed model."""
-        t = self.run_ms.get(model)
-        if rows <= 0:
-            return 0.0
-        if not t:
-            return float("inf")
-        sizes = sorted(t)
-        if rows < 1:
-            return rows * t[sizes[0]]
-        if rows >= sizes[-1]:
-            return t[sizes[-1]] * rows / sizes[-1]
-        if self.pad:
-            size = self.warm_size(int(np.ceil(rows)))
-            if size in t:
-                return t[size]
-        hi = next(b for b in sizes if b >= rows)
-        lo = max((b for b in sizes if b <= rows), default=hi)
-        if hi == lo:
-            return t[hi]
-        return t[lo] + (t[hi] - t[lo]) * (rows - lo) / (hi - lo)
-
     def plan(self, routes: Sequence[str], answered_by: Sequence[str]):
         """The batch plan (service/plan.py) for rows on these routes that would first run on these models: which
         route models' rows the full model's run, or the shared model's, should answer instead. Nothing moves before
-        warm-up has timed the models; a group goes to the shared model only if it serves every route in it."""
+        warm-up has timed the models (`times`); a group goes to the shared model only if it serves every route in
+        it."""
         rows: dict[str, list[str]] = {}
         for r, model in zip(routes, answered_by):
             rows.setdefault(model, []).append(r)
         full_rows = len(rows.pop(self.full_model, ()))
-        if not rows or self.full_model not in self.run_ms:
-            return plan_batch([], full_rows, self.full_model, self.run_time)
+        if not rows or self.times.line(self.full_model) is None:
+            return plan_batch([], full_rows, self.full_model, self.serving_time)
         verify = self.cfg.hint_mode == "verify"
         groups = []
         for model, names in rows.items():
@@ -483,9 +460,7 @@ class Engine:
 
     def serving_time(self, model: str, rows: float) -> float:
         """What the plan weighs: a run's ms by this server's fitted times (`times`), at the padded bucket when
-        padding; the warm-up table (`run_time`) for a model not fitted."""
-        if self.times.line(model) is None:
-            return self.run_time(model, rows)
+        padding."""
         return self.times.ms(model, self._rows_run(rows) if rows >= 1 else rows)
 
     def _rows_run(self, rows: float) -> float:

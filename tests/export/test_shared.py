@@ -87,6 +87,8 @@ def test_engine_answers_moved_rows_with_the_shared_model_under_the_routes_rule(s
     # with timings, the plan sends scattered hints to the shared model when that is cheapest
     eng.run_ms = {m: {b: 1.0 + b * (1.0 if m == eng.full_model else 0.6 if m == eng.shared_model else 0.9)
                       for b in eng.warm_sizes} for m in eng.sessions}
+    for m, table in eng.run_ms.items():  # as warm_up seeds them
+        eng.times.seed(m, table)
     eng.fallback_rate = {("shared", h): 0.0 for h in served}
     models = {eng.routes[h].model for h in served}
     one_each = [next(h for h in served if eng.routes[h].model == m) for m in models]

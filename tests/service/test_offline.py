@@ -482,7 +482,8 @@ def test_batch_plan_gives_scattered_hints_to_the_full_models_run(tiny_bundle, di
     # timings shaped like a small model on the CPU: a fixed cost per run plus a cost per row (route models: 0.8 of it)
     eng.run_ms = {m: {b: 1.0 + b * (1.0 if m == eng.full_model else 0.8) for b in eng.warm_sizes}
                   for m in eng.sessions}
-    assert eng.times.line(eng.full_model) is None  # no warm-up: the plan weighs the made-up table as it is
+    for m, table in eng.run_ms.items():  # as warm_up seeds them (no refit: threads is not 1)
+        eng.times.seed(m, table)
     x16 = normalize(digits_test.images[:16], eng.spec)
     one = eng.run(x16, [hints[0]] * 16)
     assert not any(o.fallback_reason == "batched" for o in one)
@@ -500,7 +501,7 @@ def test_batch_plan_gives_scattered_hints_to_the_full_models_run(tiny_bundle, di
         eng.warm_size(len(hints))] if eng.pad else 1.0 + len(hints))
 
     route = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, batch_plan="route"))
-    route.run_ms = eng.run_ms
+    route.run_ms, route.times = eng.run_ms, eng.times
     assert not any(o.fallback_reason == "batched" for o in route.run(x, hints))
     untimed = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))  # before warm-up nothing is merged
     assert not any(o.fallback_reason == "batched" for o in untimed.run(x, hints))
