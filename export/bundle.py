@@ -25,10 +25,10 @@ from .manifest import (INPUT_NAME, MANIFEST, OUTPUT_NAME, SAMPLES_FILE, SCHEMA_V
                        validate_manifest, verify_bundle)
 from .runtime import ort_session
 from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torch_logits
-from .prune import (check_mask, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units, mlp_kept,
-                    prune_vit)
+from .prune import (check_mask, check_units, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units,
+                    mlp_kept, prune_vit)
 
-__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "SHARED_AUTO_ROUTES", "read_routes", "shared_mask", "export_bundle",
+__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "SHARED_AUTO_ROUTES", "SHARED_CHOICES", "read_routes", "shared_mask", "export_bundle",
            "write_triton_layout"]
 
 PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
@@ -38,6 +38,7 @@ FULL_FILE = "models/full.onnx"
 # --shared auto adds the shared model from this many routes on: a server batch then spans about as many route models
 # as it has requests, and runs of one request each cost more than rows of one batch (docs/cost.md)
 SHARED_AUTO_ROUTES = 20
+SHARED_CHOICES = ("auto", "global", "units", "none")
 
 
 class ExportRoute(dict):
@@ -74,16 +75,35 @@ def _routes_from_masks(path: Path) -> list[ExportRoute]:
     return out
 
 
-def shared_mask(source: str, n_routes: int, shared: str, depth: int, H: int) -> Optional[tuple[list, dict]]:
-    """The shared model's mask for `export --shared` and where it came from, or None: the steering report's global
-    mask (one static mask for every class at the steered routes' mean head usage, chosen on val) with 'global', and
-    with 'auto' when the report has one and there are at least SHARED_AUTO_ROUTES routes."""
+def shared_mask(source: str, n_routes: int, shared: str, depth: int, H: int, units_path=None,
+                vit=None) -> Optional[tuple[list, Optional[list], dict]]:
+    """The shared model for `export --shared` as (head mask, MLP units or None, where it came from), or None.
+
+    'global' (and 'auto' when the report has one and there are at least SHARED_AUTO_ROUTES routes): the steering
+    report's global mask (one static mask for every class at the steered routes' mean head usage, chosen on val),
+    heads only. 'units': the single global model of the `--units` file (`steerprune units` without --no-global): its
+    head mask and the unit cut whose FLOPs are closest to the routes' mean (`global.matched_heads_mlp`), so the
+    model that answers scattered hints is pruned as deeply as the routes are."""
     from steerprune.training.run import read_json
 
-    if shared not in ("auto", "global", "none"):
-        raise UserError(f"--shared must be auto, global or none, got {shared!r}")
+    if shared not in SHARED_CHOICES:
+        raise UserError(f"--shared must be one of {', '.join(SHARED_CHOICES)}, got {shared!r}")
     if shared == "none" or (shared == "auto" and n_routes < SHARED_AUTO_ROUTES):
         return None
+    if shared == "units":
+        if units_path is None:
+            raise UserError("--shared units needs --units FILE (a `steerprune units` file with its global model)")
+        g = read_json(Path(units_path)).get("global")
+        if not isinstance(g, dict) or not isinstance(g.get("matched_heads_mlp"), dict) or "mask" not in g:
+            raise UserError(f"--shared units: {units_path} has no global model (run `steerprune units` without "
+                            f"--no-global, or `steerprune units RUN --merge DIR` on its folder)")
+        m = g["matched_heads_mlp"]
+        try:
+            mask, units = check_mask(g["mask"], depth, H), check_units(m.get("mlp_units"), vit)
+        except UserError as e:
+            raise UserError(f"--shared units: {units_path}: global model: {e}") from None
+        return mask, units, {"from": f"units:{units_path} global model (matched_heads_mlp)",
+                             "ranking": f"{m.get('scheme')} cut {m.get('cut')}", "val_acc": m.get("val_acc")}
     kind, _, path = source.partition(":")
     sets = (read_json(Path(path)).get("global_mask") or {}).get("route_sets") or {} if kind == "report" else {}
     chosen = sets.get("steered") or next(iter(sets.values()), None)
@@ -94,8 +114,8 @@ def shared_mask(source: str, n_routes: int, shared: str, depth: int, H: int) -> 
         return None
     g = chosen["global_masks"][0]  # the kept-head count rounded up from the routes' mean usage
     mask = check_mask(g["mask"], depth, H)
-    return mask, {"from": f"{source} global_mask ({'steered' if 'steered' in sets else next(iter(sets))} routes)",
-                  "ranking": g.get("ranking"), "val_acc": g.get("val_acc")}
+    return mask, None, {"from": f"{source} global_mask ({'steered' if 'steered' in sets else next(iter(sets))} routes)",
+                        "ranking": g.get("ranking"), "val_acc": g.get("val_acc")}
 
 
 def read_routes(run, report_path: Optional[Path] = None, masks_path: Optional[Path] = None) -> tuple[list[ExportRoute], str]:
@@ -213,6 +233,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     gated = GatedViT(vit).eval()  # static masks only: the policy plays no part in a route's model
     gated_layers = list(run.policy.cfg.gated_layers) if run.policy is not None else []
     depth, H = len(vit.blocks), vit.blocks[0].attn.num_heads
+    picked = shared_mask(source, len(routes), shared, depth, H, units_path, vit)  # refused before any work
     out_dir = Path(out_dir).expanduser()
     _prepare_out(out_dir)
     torch.manual_seed(0)
@@ -232,12 +253,12 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         distinct.setdefault(key, {"mask": r["mask"], "units": r["mlp_units"], "file": f"models/{name}.onnx", "routes": []})
         distinct[key]["routes"].append(r["name"])
     shared_file, shared_from = None, None
-    picked = shared_mask(source, len(routes), shared, depth, H)
     if picked is not None:
-        key = mask_key(picked[0], None)
-        distinct.setdefault(key, {"mask": picked[0], "units": None, "file": f"models/heads_{key}.onnx", "routes": []})
+        key = mask_key(picked[0], picked[1])
+        name = f"heads_{key}" if picked[1] is None else f"heads_mlp_{key}"
+        distinct.setdefault(key, {"mask": picked[0], "units": picked[1], "file": f"models/{name}.onnx", "routes": []})
         if distinct[key]["file"] != FULL_FILE:  # a global mask keeping every head would only be the full model again
-            shared_file, shared_from = distinct[key]["file"], picked[1]
+            shared_file, shared_from = distinct[key]["file"], picked[2]
 
     models, sessions = {}, {}
     for i, (key, d) in enumerate(distinct.items()):
@@ -290,11 +311,12 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
                                  wrong_eps, log)
     shared_entry = None
     if shared_file is not None:  # every route's rule again, for the shared model's answers to its hints
-        twins = [ExportRoute({**r, "mask": picked[0], "mlp_units": None}) for r in routes]
+        twins = [ExportRoute({**r, "mask": picked[0], "mlp_units": picked[1]}) for r in routes]
         sm = models[shared_file]
         shared_entry = {
             "model": shared_file, "sha256": sm["sha256"], "mask": sm["mask"], "kept_heads": sm["kept_heads"],
-            "head_usage": sm["head_usage"], "flops_rel": sm["flops_rel"], "source": shared_from,
+            "head_usage": sm["head_usage"], "flops_rel": sm["flops_rel"], "mlp_kept": sm["mlp_kept"],
+            "source": shared_from,
             "routes": _choose_acceptance(twins, distinct, models, sessions, val_x, data.val.labels, val_full_pred,
                                          eps, wrong_eps, lambda line: log("shared model, " + line))}
         log(f"shared model {shared_file}: FLOPs {sm['flops_rel']:.3f} of full, served for "

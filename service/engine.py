@@ -46,6 +46,7 @@ FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
                "adding them to the full model's run (this server's timings): answered by the full model",
 }
 FIRST_ON_FULL = frozenset({"not_served", "batched"})  # fallback reasons of hinted rows the full model answered first
+COLD_ROUNDS = 9  # warm-up turns over all models at batch 1 (cold caches) whose median seeds the batch plan
 
 
 class UnknownHint(UserError):
@@ -344,7 +345,8 @@ class Engine:
         `run_ms_estimated`). On the CPU a session's first run at a new batch size is no slower than its next ones,
         while warming 100 route models at 7 sizes took minutes. With several models, the batch-1 time recorded is
         that of runs made in turn, each model after all the others: in a batch of mixed hints each route model runs
-        once, with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run).
+        once, with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run);
+        those are the median of at least `COLD_ROUNDS` turns.
         """
         t0 = time.perf_counter()
         s = self.spec.img_size
@@ -364,7 +366,7 @@ class Engine:
         if len(self.sessions) > 1 and rounds:
             x = np.zeros((1, c, s, s), np.float32)
             cold: dict[str, list[float]] = {m: [] for m in self.sessions}
-            for _ in range(rounds):
+            for _ in range(max(rounds, COLD_ROUNDS)):  # the plan's start: a median of 3 cold runs was too noisy
                 for model in self.sessions:
                     t = time.perf_counter()
                     self.logits(model, x)

@@ -81,12 +81,17 @@ class RunTimes:
     decays by `decay` per batch (`tick`). Warm-up times each model many times in a row on an idle core; while
     serving, a route model in a mixed batch runs with its weights out of the CPU's caches. A model the plan stops
     choosing is no longer observed, and its observations fade: after some hundred batches it is judged by its
-    warm-up timings again, so one slow run cannot shut a model out for good. A model never seeded stays unknown
-    (`ms` is inf)."""
+    warm-up timings again. An observed run counts as at most `spike` times the time expected of it, so one slow run
+    (a preempted thread, a first run at a new size) moves the line by a bounded step instead of shutting the model
+    out until it fades, while a model that is really slower gets there in a few runs. A model never seeded stays
+    unknown (`ms` is inf)."""
 
-    def __init__(self, decay: float = 0.98, prior_weight: float = 10.0):
+    def __init__(self, decay: float = 0.98, prior_weight: float = 10.0, spike: float = 3.0):
+        if not (0 < decay <= 1 and prior_weight > 0 and spike >= 1):
+            raise ValueError(f"need 0 < decay <= 1, prior_weight > 0, spike >= 1; got {decay}, {prior_weight}, {spike}")
         self.decay = decay  # weight of the observations per batch: about the last 1 / (1 - decay) batches count
         self.prior_weight = prior_weight  # the warm-up timings count as this many runs
+        self.spike = spike  # an observed run counts as at most this many times its expected time
         self.clock = 0  # batches so far
         self._prior: dict[str, list[float]] = {}  # model -> weighted sums of 1, n, n^2, t, n t (warm-up)
         self._obs: dict[str, list[float]] = {}  # the same over observed runs, decayed to `_at`
@@ -113,6 +118,7 @@ class RunTimes:
         """One run of `model` on `rows` images took `ms`; ignored for a model never seeded."""
         if model not in self._prior:
             return
+        ms = min(ms, self.spike * self.ms(model, rows))
         obs = self._decayed(model)
         for k, v in enumerate((1.0, rows, rows * rows, ms, rows * ms)):
             obs[k] += v

@@ -119,6 +119,13 @@ def test_run_times_fit_the_warm_up_line_and_follow_what_runs_take():
     for _ in range(800):  # no longer run: its observations fade and the warm-up line is back
         t.tick()
     assert t.line("m") == pytest.approx((1.0, 0.5), abs=0.01)
+    t.tick()
+    t.observe("m", 1, 1000.0)  # one spike (a preempted run) counts as 3x the expected 1.5 ms, not 1000 ms
+    assert 1.5 < t.ms("m", 1) < 2.5  # unclipped, the one run would put a single image at ~90 ms
+    for _ in range(20):  # a model that is really 10x slower now: the line follows within a few dozen runs
+        t.tick()
+        t.observe("m", 1, 15.0)
+    assert t.ms("m", 1) > 10.0
     t.seed("one", {1: 2.0})  # a single size: a time per row
     assert t.ms("one", 3) == pytest.approx(6.0)
     t.seed("noisy", {1: 1.0, 2: 0.9})  # falling with rows: no slope, the mean per run

@@ -193,6 +193,33 @@ def test_export_with_units(tiny_units, quick_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_export_shared_units_is_the_units_files_global_model(tiny_units, quick_run, tmp_path):
+    from steerprune.export.bundle import export_bundle, shared_mask
+    from steerprune.export.manifest import verify_bundle
+    from steerprune.training.run import load_run
+
+    tmp, report, out = tiny_units
+    units_path = tmp / "steering" / "units.json"
+    m = export_bundle(quick_run, tmp_path / "b", report_path=report, units_path=units_path, cost_batch=None,
+                      shared="units", log=lambda *_: None)
+    g = out["global"]["matched_heads_mlp"]
+    sh = m["shared"]
+    assert sh["mask"] == out["global"]["mask"] and m["models"][sh["model"]]["mlp_units"] == g["mlp_units"]
+    assert sh["flops_rel"] == pytest.approx(g["flops_rel"]) and sh["mlp_kept"] == g["mlp_kept"]
+    assert sh["source"]["from"].startswith(f"units:{units_path}") and set(sh["routes"]) == set(m["routes"])
+    if g["mlp_units"] is not None:
+        assert "heads_mlp_" in sh["model"]
+    verify_bundle(tmp_path / "b")
+    vit = load_run(quick_run).vit
+    with pytest.raises(UserError, match="needs --units"):
+        shared_mask(f"report:{report}", 5, "units", len(vit.blocks), vit.blocks[0].attn.num_heads, None, vit)
+    bare = tmp_path / "no_global.json"
+    bare.write_text(json.dumps({k: v for k, v in json.loads(units_path.read_text()).items() if k != "global"}))
+    with pytest.raises(UserError, match="no global model"):
+        shared_mask(f"report:{report}", 5, "units", len(vit.blocks), vit.blocks[0].attn.num_heads, bare, vit)
+
+
+@pytest.mark.slow
 def test_units_for_another_mask_refused(tiny_units, quick_run, tmp_path):
     from steerprune.training.run import load_run
 
