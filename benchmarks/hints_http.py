@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-plan", choices=["cost", "route"], default="cost", help="the server's --batch-plan")
     p.add_argument("--shared-model", action=argparse.BooleanOptionalAction, default=True,
                    help="the server's --shared-model (default on)")
+    p.add_argument("--run-overhead-ms", type=float, default=0.0, help="the server's --run-overhead-ms")
     argv = list(sys.argv[1:] if argv is None else argv)
     # after --: more `steerprune loadtest` flags (split here: argparse's REMAINDER would also swallow --out)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})  # the server inherits core 0
     proc = start_server(a.bundle, port=port, threads=1, acceptance=a.acceptance, timeout=600,
-                        batch_plan=a.batch_plan, shared_model=a.shared_model,
+                        batch_plan=a.batch_plan, shared_model=a.shared_model, run_overhead_ms=a.run_overhead_ms,
                         log_path=a.out.replace(".json", ".server.log"))
     os.sched_setaffinity(0, cores)
     try:

@@ -218,6 +218,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cost: hinted requests run on their route's model only when, in that batch, it is cheaper "
                         "than adding them to the full model's run (warm-up timings); route: always (see "
                         "docs/cost.md)")
+    p.add_argument("--run-overhead-ms", type=float, default=0.0,
+                   help="--batch-plan cost: ms added to every model run the plan weighs (default 0; docs/cost.md)")
     p.add_argument("--shared-model", action=argparse.BooleanOptionalAction, default=True,
                    help="--batch-plan cost: also answer scattered hints on the bundle's shared model when it has one "
                         "(export --shared; default on)")
@@ -249,7 +251,7 @@ def _serve(args) -> int:
                   gc_full_s=args.gc_full_s, inline_ms=args.inline_ms, max_queue=args.max_queue,
                   max_wait_ms=args.max_wait_ms, concurrency=args.concurrency,
                   shared_arena=args.shared_arena, share_weights=args.share_weights, warmup=args.warmup,
-                  batch_plan=args.batch_plan, shared_model=args.shared_model)
+                  batch_plan=args.batch_plan, shared_model=args.shared_model, run_overhead_ms=args.run_overhead_ms)
     env = server_env(bundle, **config)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_REF, "--host", args.host, "--port", str(args.port)]
     print(f"serving {bundle} on http://{_url_host(args.host)}:{args.port} (POST /classify, GET /routes, /readyz, "

@@ -119,6 +119,10 @@ class ServeConfig:
     threads 1); otherwise the full model answers them (fallback_reason 'batched') or the shared model does. With
     many routes and little traffic per route a batch holds one request per route model, and a batch-1 run costs
     more than a row of a full-model batch | route: every hinted request runs on its route's model."""
+    run_overhead_ms: float = 0.0
+    """batch_plan 'cost': ms the plan adds to every model run it weighs, for work a run causes outside its own thread's
+    CPU time (which is what the plan fits): with the server on one core, each run hands the core to the event loop
+    and back. Larger values favour fewer, bigger runs (the shared or the full model) over one run per route model."""
     shared_model: bool = True
     """batch_plan 'cost' with a bundle that has a shared model (`export --shared`): the plan may also answer a
     batch's scattered hints on it, under each route's rule for it, instead of on the full model."""
@@ -178,6 +182,8 @@ class ServeConfig:
             raise UserError(f"inline_ms must be in [0, 1000], got {self.inline_ms}")
         if self.threads < 0 or self.warmup_rounds < 0:
             raise UserError("threads and warmup_rounds must be >= 0")
+        if not 0.0 <= self.run_overhead_ms <= 1000.0:
+            raise UserError(f"run_overhead_ms must be in [0, 1000], got {self.run_overhead_ms}")
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that make a BentoML worker rebuild this config."""

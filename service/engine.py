@@ -46,6 +46,7 @@ FALLBACK_REASONS = {  # Result.fallback_reason -> what the answer says
                "adding them to the full model's run (this server's timings): answered by the full model",
 }
 FIRST_ON_FULL = frozenset({"not_served", "batched"})  # fallback reasons of hinted rows the full model answered first
+PLAN_SNAPSHOT_EVERY = 50  # batches between refreshes of `plan_snapshot` (what GET /routes shows of the plan)
 COLD_ROUNDS = 9  # warm-up turns over all models at batch 1 (cold caches) whose median seeds the batch plan
 
 
@@ -205,6 +206,7 @@ class Engine:
         self.unserved_why: dict[str, str] = {}  # route -> why unserve_costlier stopped serving it
         self.fallback_rate: dict[str, float] = {}  # route model -> share of its rows rerun on full (batch_plan)
         self.times = RunTimes()  # each model's ms per run in its rows, seeded by warm_up, refitted on runs
+        self.plan_snapshot: Optional[dict] = None  # plan_state() as the batch thread last saw it (run)
         # refit on the CPU time of each run, which only the calling thread spends when ONNX Runtime has one thread
         # (the server's wall time would count the event loop's turns on the core too)
         self.refit = cfg.threads == 1
@@ -265,6 +267,8 @@ class Engine:
         reasons: list[Optional[str]] = [None] * n
         shared = [False] * n  # rows the shared model answers first
         self.times.tick()
+        if self.times.clock % PLAN_SNAPSHOT_EVERY == 0:
+            self.plan_snapshot = self.plan_state()
         if merge is None and self.cfg.batch_plan == "cost":
             plan = self.plan(routes, answered_by)
             to_full, to_shared = plan.to_full, plan.to_shared
@@ -391,6 +395,7 @@ class Engine:
                 self.fallback_rate.setdefault(r.model, float(val["fallback"]))
         for name in self.shared_rules:  # and each route's on the shared model
             self.fallback_rate[("shared", name)] = float(self.manifest["shared"]["routes"][name]["val"]["fallback"])
+        self.plan_snapshot = self.plan_state()
         return time.perf_counter() - t0
 
     def unserve_costlier(self) -> list[str]:
@@ -463,7 +468,8 @@ class Engine:
     def serving_time(self, model: str, rows: float) -> float:
         """What the plan weighs: a run's ms by this server's fitted times (`times`), at the padded bucket when
         padding."""
-        return self.times.ms(model, self._rows_run(rows) if rows >= 1 else rows)
+        run = self.times.ms(model, self._rows_run(rows) if rows >= 1 else rows)
+        return run + self.cfg.run_overhead_ms * min(rows, 1.0) if rows > 0 else run  # below 1 row: chance of a run
 
     def _rows_run(self, rows: float) -> float:
         """Rows a run on `rows` images really computes: the padded bucket's when padding."""
@@ -480,6 +486,18 @@ class Engine:
         for model, (rows, rerun) in seen.items():
             share, keep = rerun / rows, 0.98 ** rows
             self.fallback_rate[model] = keep * self.fallback_rate.get(model, share) + (1.0 - keep) * share
+
+    def plan_state(self) -> dict:
+        """What the batch plan weighs now: each model's fitted ms per run and per row, each route model's followed
+        share of rows rerun on the full model (and each route's on the shared model), and the batches seen. Call it
+        from the thread that runs the batches (`run` refreshes `plan_snapshot` with it every PLAN_SNAPSHOT_EVERY
+        batches for readers on other threads)."""
+        rates = list(self.fallback_rate.items())
+        return {"mode": self.cfg.batch_plan, "batches": self.times.clock,
+                "run_ms_line": {m: [round(v, 4) for v in line] for m in self.sessions
+                                if (line := self.times.line(m)) is not None},
+                "fallback_rate": {m: round(v, 4) for m, v in rates if isinstance(m, str)},
+                "shared_fallback_rate": {m[1]: round(v, 4) for m, v in rates if not isinstance(m, str)}}
 
     # ------------------------------------------------------------------------------------------ listing
 
@@ -516,15 +534,7 @@ class Engine:
                              "providers": self.providers[m]} for m in self.sessions},
             "device": self.device,
             "pad_batches": self.pad,
-            # batch_plan 'cost': each route model's followed share of rows rerun on full, which the plan counts
-            "batch_plan": {"mode": self.cfg.batch_plan,
-                           # fitted ms per run and per row, as the plan weighs them
-                           "run_ms_line": {m: [round(v, 4) for v in self.times.line(m)] for m in self.sessions
-                                           if self.times.line(m) is not None},
-                           "fallback_rate": {m: round(v, 4) for m, v in self.fallback_rate.items()
-                                             if isinstance(m, str)},
-                           "shared_fallback_rate": {m[1]: round(v, 4) for m, v in self.fallback_rate.items()
-                                                    if not isinstance(m, str)}},
+            "batch_plan": self.plan_state(),
             # the shared model (export --shared) and the routes it serves, or None
             "shared": None if self.shared_model is None else {
                 "model": self.shared_model, "flops_rel": self.manifest["shared"].get("flops_rel"),

@@ -432,6 +432,8 @@ async def routes_endpoint(request: Request):
                              warm_run_ms_estimated=svc.engine.run_ms_estimated,
                              max_queue=svc.cfg.max_queue, max_wait_ms=svc.cfg.max_wait_ms,
                              expected_ms_per_image=svc.item_ms,
+                             # the plan as the batch thread last refreshed it (the listing's copy is warm-up's)
+                             batch_plan=svc.engine.plan_snapshot or svc.listing.get("batch_plan"),
                              gc_threshold=list(gc.get_threshold()),
                              gc_clock=dict(young_ms=svc.cfg.gc_young_ms,
                                            full_s=svc.cfg.gc_full_s, automatic=gc.isenabled(),

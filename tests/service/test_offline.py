@@ -505,3 +505,37 @@ def test_batch_plan_gives_scattered_hints_to_the_full_models_run(tiny_bundle, di
     assert not any(o.fallback_reason == "batched" for o in route.run(x, hints))
     untimed = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False))  # before warm-up nothing is merged
     assert not any(o.fallback_reason == "batched" for o in untimed.run(x, hints))
+
+
+def test_plan_snapshot_follows_the_runs(tiny_bundle, digits_test):
+    """With 1 thread the plan refits on what runs take; `plan_snapshot` (what GET /routes shows) is refreshed by the
+    batch thread every PLAN_SNAPSHOT_EVERY batches, not frozen at warm-up."""
+    from steerprune.service.engine import PLAN_SNAPSHOT_EVERY
+
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, threads=1))
+    assert eng.plan_snapshot is None
+    eng.warm_up(8, rounds=2)
+    warm = eng.plan_snapshot
+    assert warm["batches"] == 0 and set(warm["run_ms_line"]) == set(eng.sessions)
+    x = normalize(digits_test.images[:4], eng.spec)
+    for _ in range(PLAN_SNAPSHOT_EVERY - 1):
+        eng.run(x, ["full"] * 4)
+    assert eng.plan_snapshot is warm  # not yet refreshed
+    eng.run(x, ["full"] * 4)
+    snap = eng.plan_snapshot
+    assert snap["batches"] == PLAN_SNAPSHOT_EVERY and snap["mode"] == "cost"
+    # taken as batch 50 starts: the 49 runs before it refitted the full model's line
+    assert snap["run_ms_line"][eng.full_model] != warm["run_ms_line"][eng.full_model]
+
+
+def test_run_overhead_is_counted_once_per_run_the_plan_weighs(tiny_bundle):
+    from steerprune.errors import UserError
+
+    eng = Engine(ServeConfig(bundle=str(tiny_bundle), verify=False, run_overhead_ms=2.0))
+    m = eng.full_model
+    eng.times.seed(m, {1: 1.5, 2: 2.0, 4: 3.0})  # 1 ms per run + 0.5 ms per row
+    assert eng.serving_time(m, 3) == pytest.approx(eng.times.ms(m, 3) + 2.0)
+    assert eng.serving_time(m, 0.25) == pytest.approx(eng.times.ms(m, 0.25) + 0.5)  # a rerun with chance 1/4
+    assert eng.serving_time(m, 0) == 0.0
+    with pytest.raises(UserError, match="run_overhead_ms"):
+        ServeConfig(bundle=str(tiny_bundle), run_overhead_ms=-1.0)
