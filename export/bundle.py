@@ -28,8 +28,8 @@ from .onnx_export import PARITY_TOL, MaskedLogits, check_onnx, export_onnx, torc
 from .prune import (check_mask, check_units, count_params, kept_heads, manual_attention, mask_key, mask_mlp_units,
                     mlp_kept, prune_vit)
 
-__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "SHARED_AUTO_ROUTES", "SHARED_CHOICES", "read_routes", "shared_mask", "export_bundle",
-           "write_triton_layout"]
+__all__ = ["ExportRoute", "PRUNE_TOL", "N_SAMPLES", "SHARED_AUTO_ROUTES", "SHARED_CHOICES", "read_routes", "shared_mask",
+           "export_bundle", "write_triton_layout"]
 
 PRUNE_TOL = 1e-5  # pruned PyTorch model vs gated model with the same mask
 N_SAMPLES = 8  # test images stored in samples.npz for `bundle verify`

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch size of the offline cost timing on the test split (default 16; 0: skip it)")
     p.add_argument("--units", help="`steerprune units` file (e.g. RUN/steering/units.json): also remove the MLP hidden "
                                    "units it chose for each route (default: heads only; never picked up implicitly)")
-    p.add_argument("--shared", choices=["auto", "global", "units", "none"], default="auto",
+    p.add_argument("--shared", choices=["auto", "global", "units", "none"], default="auto",  # bundle.SHARED_CHOICES
                    help="also export one shared pruned model with a rule per route, for hints too scattered to batch "
                         "on their own models: global = the steering report's global mask (heads only), units = the "
                         "--units file's global model (heads + MLP units at the routes' mean FLOPs); default auto: "
