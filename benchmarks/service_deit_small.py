@@ -18,7 +18,7 @@ Hinted against unhinted throughput (the cost issue's "hinted throughput >= 1.4x 
         --out benchmarks/results/hints_deit_small.json
 
 `--mlp-keep F` also removes all but the first F of every block's MLP hidden units from the route models (which
-units does not matter for speed with untrained weights; F = 0.5 puts the routes at FLOPs 0.44 and 0.56 of the full
+units does not matter for speed with untrained weights; F = 0.5 puts the routes at FLOPs 0.44 and 0.57 of the full
 model, about where the CIFAR-10 routes cut for cost are, 0.55 on average); `--compare-hints` runs `steerprune
 loadtest --compare-hints` (a phase with no hints and one with right hints, `--rounds` times in ABBA order) instead of
 the mixed run.

@@ -370,7 +370,7 @@ class Engine:
         if len(self.sessions) > 1 and rounds:
             x = np.zeros((1, c, s, s), np.float32)
             cold: dict[str, list[float]] = {m: [] for m in self.sessions}
-            for _ in range(max(rounds, COLD_ROUNDS)):  # the plan's start: a median of 3 cold runs was too noisy
+            for _ in range(max(rounds, COLD_ROUNDS)):  # the plan starts from these: more turns than `rounds`
                 for model in self.sessions:
                     t = time.perf_counter()
                     self.logits(model, x)
