@@ -208,7 +208,7 @@ class _Fp16Wrapper(torch.nn.Module):
 
 def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: bool = False, layout: Optional[str] = None,
                   log=print, eps: float = EPS, cost_batch: Optional[int] = 16, units_path=None,
-                  wrong_eps: float = WRONG_EPS, shared: str = "auto") -> dict:
+                  wrong_eps: float = WRONG_EPS, shared: str = "auto", recover=None) -> dict:
     """Export the full model and one pruned model per distinct route mask into out_dir; returns the manifest.
 
     Each route's acceptance rule is chosen on the run's validation split (`eps`: allowed accuracy loss against the
@@ -217,6 +217,9 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     MLP hidden units are removed too from the routes it lists (None: heads only). `shared` (auto | global | none,
     see `shared_mask`): also export one pruned model for every class, with an acceptance rule per route chosen on
     validation exactly as the route's own, which the service's batch plan answers scattered hints with.
+    `recover` (a `RecoverConfig`, export/recover.py; None: off): after the slicing check, each pruned model is
+    trained briefly on train images of its routes' classes against the full model, and exported, checked for parity
+    and given its acceptance rules as recovered.
     """
     from steerprune.steering.masks import head_usage
     from steerprune.steering.units import apply_units
@@ -273,6 +276,12 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
             diff = max_abs_diff(model(probe).numpy(), ref_gated(probe, head_mask=torch.tensor(mask, dtype=torch.float32)).logits.numpy())
         if diff > PRUNE_TOL:
             raise RuntimeError(f"pruned model for mask {key} differs from the gated model by {diff:.3g} (> {PRUNE_TOL})")
+        recovery = None
+        if recover is not None and recover.epochs and not is_full:
+            recovery = _recover(model, vit, data, bcfg, routes, d, recover)
+            ref = model  # what ONNX must now reproduce is the recovered model
+            log(f"{rel}: recovered on {recovery['images']} train images ({recovery['own']} of its classes), "
+                f"loss {recovery['loss_before']:.3f} -> {recovery['loss_after']:.3f}, {recovery['seconds']:.0f} s")
         path = export_onnx(model, out_dir / rel, bcfg.in_chans, bcfg.img_size)
         parity = check_onnx(path, ref, bcfg.in_chans, bcfg.img_size)
         if not parity.ok:
@@ -286,7 +295,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
             "head_usage": 1.0 if is_full else head_usage(mask, gated_layers or list(range(depth))), "flops_rel": flops["rel"],
             "macs": flops["macs"], "params": count_params(model),
             "parity": parity.max_abs, "prune_max_abs": diff, "routes": d["routes"], "bytes": path.stat().st_size,
-            "mlp_kept": mlp_kept(vit, units), "mlp_units": units,
+            "mlp_kept": mlp_kept(vit, units), "mlp_units": units, "recovery": recovery,
         }
         if fp16:
             models[rel]["fp16"] = _export_fp16(model, ref, out_dir / rel.replace(".onnx", ".fp16.onnx"), bcfg)
@@ -361,7 +370,8 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         "samples": {"file": SAMPLES_FILE, "inputs": "inputs", "logits": sample_keys, "n": int(len(pick)),
                     "sha256": sha256_file(out_dir / SAMPLES_FILE)},
         "export": {"exporter": "torch.onnx TorchScript (dynamo=False)", "opset": 17, "attention": "manual (fused_attn=False)",
-                   "parity_tol": PARITY_TOL, "prune_tol": PRUNE_TOL, "fp16": bool(fp16), "layout": layout},
+                   "parity_tol": PARITY_TOL, "prune_tol": PRUNE_TOL, "fp16": bool(fp16), "layout": layout,
+                   "recover": recover.to_json() if recover is not None and recover.epochs else None},
     }
     validate_manifest(json.loads(json.dumps(manifest, default=float)))
     write_json(out_dir / MANIFEST, manifest)
@@ -378,6 +388,23 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         for line in cost_lines(manifest["cost"]):
             log(line)
     return manifest
+
+
+def _recover(model, vit, data, bcfg, routes, d: dict, cfg) -> dict:
+    """Recover one pruned model (export/recover.py) on train images of the classes of the routes it serves (every
+    class for a model no route names, i.e. the shared model); returns the manifest's record of it."""
+    from steerprune.training.tensors import to_tensor
+
+    from .recover import recover_model, recovery_sample
+
+    names = set(d["routes"])
+    classes = sorted({c for r in routes if r["name"] in names for c in r["classes"]}) or list(range(len(bcfg.class_names)))
+    labels = data.train.labels
+    idx, own = recovery_sample(labels, classes, cfg)
+    x = to_tensor(data.train.images[idx], bcfg)  # (N, C, S, S), at most a few thousand images
+    y = torch.from_numpy(np.asarray(labels[idx])).long()
+    stats = recover_model(model, vit, x, y, cfg, hflip=data.hflip, own=own)
+    return {**stats._asdict(), "classes": len(classes)}
 
 
 def _choose_acceptance(routes, distinct, models, sessions, val_x, val_labels: np.ndarray, full_pred: np.ndarray,

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on their own models: global = the steering report's global mask (heads only), units = the "
                         "--units file's global model (heads + MLP units at the routes' mean FLOPs); default auto: "
                         "global with at least 20 routes (docs/cost.md)")
+    p.add_argument("--recover-epochs", type=int, default=0,
+                   help="train each pruned model this many passes over train images of its routes' classes (and as "
+                        "many of other classes) against the full model before export (default 0: off; "
+                        "docs/recovery.md)")
+    p.add_argument("--recover-lr", type=float, default=3e-4, help="recovery's peak learning rate (default 3e-4)")
     p.set_defaults(func=_export)
 
     b = sub.add_parser("bundle", help="inspect a bundle", description="Bundle tools.")
@@ -71,9 +76,18 @@ def _export(args) -> int:
         raise UserError(f"--wrong-eps must be in [0, 100] accuracy points, got {args.wrong_eps}")
     if args.cost_batch < 0:
         raise UserError(f"--cost-batch must be >= 0, got {args.cost_batch}")
+    recover = None
+    if args.recover_epochs:
+        from .recover import RecoverConfig
+
+        if args.recover_epochs < 0:
+            raise UserError(f"--recover-epochs must be >= 0, got {args.recover_epochs}")
+        if not 0 < args.recover_lr < 1:
+            raise UserError(f"--recover-lr must be in (0, 1), got {args.recover_lr}")
+        recover = RecoverConfig(epochs=args.recover_epochs, lr=args.recover_lr)
     export_bundle(args.run, args.out, report_path=args.report, masks_path=args.masks, fp16=args.fp16,
                   layout=args.layout, eps=args.eps / 100.0, wrong_eps=args.wrong_eps / 100.0,
-                  cost_batch=args.cost_batch or None, units_path=args.units, shared=args.shared)
+                  cost_batch=args.cost_batch or None, units_path=args.units, shared=args.shared, recover=recover)
     return 0
 
 
