@@ -278,7 +278,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
             raise RuntimeError(f"pruned model for mask {key} differs from the gated model by {diff:.3g} (> {PRUNE_TOL})")
         recovery = None
         if recover is not None and recover.epochs and not is_full:
-            recovery = _recover(model, vit, data, bcfg, routes, d, recover)
+            recovery = _recover(model, vit, data, bcfg, routes, d, recover, every_class=rel == shared_file)
             ref = model  # what ONNX must now reproduce is the recovered model
             log(f"{rel}: recovered on {recovery['images']} train images ({recovery['own']} of its classes), "
                 f"loss {recovery['loss_before']:.3f} -> {recovery['loss_after']:.3f}, {recovery['seconds']:.0f} s")
@@ -390,15 +390,17 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     return manifest
 
 
-def _recover(model, vit, data, bcfg, routes, d: dict, cfg) -> dict:
+def _recover(model, vit, data, bcfg, routes, d: dict, cfg, every_class: bool = False) -> dict:
     """Recover one pruned model (export/recover.py) on train images of the classes of the routes it serves (every
-    class for a model no route names, i.e. the shared model); returns the manifest's record of it."""
+    class for the shared model, which answers every route's hints, and for a model no route names); returns the
+    manifest's record of it."""
     from steerprune.training.tensors import to_tensor
 
     from .recover import recover_model, recovery_sample
 
     names = set(d["routes"])
-    classes = sorted({c for r in routes if r["name"] in names for c in r["classes"]}) or list(range(len(bcfg.class_names)))
+    classes = [] if every_class else sorted({c for r in routes if r["name"] in names for c in r["classes"]})
+    classes = classes or list(range(len(bcfg.class_names)))
     labels = data.train.labels
     idx, own = recovery_sample(labels, classes, cfg)
     x = to_tensor(data.train.images[idx], bcfg)  # (N, C, S, S), at most a few thousand images
