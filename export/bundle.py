@@ -217,9 +217,9 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     MLP hidden units are removed too from the routes it lists (None: heads only). `shared` (auto | global | none,
     see `shared_mask`): also export one pruned model for every class, with an acceptance rule per route chosen on
     validation exactly as the route's own, which the service's batch plan answers scattered hints with.
-    `recover` (a `RecoverConfig`, export/recover.py; None: off): after the slicing check, each pruned model is
-    trained briefly on train images of its routes' classes against the full model, and exported, checked for parity
-    and given its acceptance rules as recovered.
+    `recover` (a `RecoverConfig`, export/recover.py; epochs 0: off; None: as the `units_path` file's cuts were
+    chosen, else off): after the slicing check, each pruned model is trained briefly on train images of its routes'
+    classes against the full model, and exported, checked for parity and given its acceptance rules as recovered.
     """
     from steerprune.steering.masks import head_usage
     from steerprune.steering.units import apply_units
@@ -232,6 +232,7 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
     run = load_run(run_dir, need=("backbone",))
     routes, source = read_routes(run, report_path, masks_path)
     units_source = apply_units(run, routes, units_path, log)  # sets r["mlp_units"] (None: heads only)
+    recover, recover_from = _recovery_setting(units_path, recover, log)
     bcfg, vit = run.backbone, run.vit.eval()
     gated = GatedViT(vit).eval()  # static masks only: the policy plays no part in a route's model
     gated_layers = list(run.policy.cfg.gated_layers) if run.policy is not None else []
@@ -371,7 +372,8 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
                     "sha256": sha256_file(out_dir / SAMPLES_FILE)},
         "export": {"exporter": "torch.onnx TorchScript (dynamo=False)", "opset": 17, "attention": "manual (fused_attn=False)",
                    "parity_tol": PARITY_TOL, "prune_tol": PRUNE_TOL, "fp16": bool(fp16), "layout": layout,
-                   "recover": recover.to_json() if recover is not None and recover.epochs else None},
+                   "recover": recover.to_json() if recover is not None and recover.epochs else None,
+                   "recover_from": recover_from},
     }
     validate_manifest(json.loads(json.dumps(manifest, default=float)))
     write_json(out_dir / MANIFEST, manifest)
@@ -388,6 +390,23 @@ def export_bundle(run_dir, out_dir, report_path=None, masks_path=None, fp16: boo
         for line in cost_lines(manifest["cost"]):
             log(line)
     return manifest
+
+
+def _recovery_setting(units_path, recover, log):
+    """(the RecoverConfig to use or None, where it came from: 'units' | 'export' | None). Units chosen with recovery
+    in the loop were scored as recovered models: unless export is told otherwise it recovers them the same way."""
+    from steerprune.steering.units import units_recover_config
+    from steerprune.training.run import read_json
+
+    chosen = units_recover_config(read_json(Path(units_path)).get("config") or {}) if units_path else None
+    if recover is None:
+        if chosen is not None:
+            log(f"recovering every pruned model as {units_path} was chosen: {chosen.epochs} epochs, lr {chosen.lr:g}")
+        return chosen, "units" if chosen is not None else None
+    if chosen is not None and (recover.epochs, recover.lr) != (chosen.epochs, chosen.lr):
+        log(f"note: {units_path} chose its cuts for models recovered {chosen.epochs} epochs at lr {chosen.lr:g}; "
+            f"exporting with {recover.epochs} epochs at lr {recover.lr:g} as asked")
+    return (recover, "export") if recover.epochs else (None, None)
 
 
 def _recover(model, vit, data, bcfg, routes, d: dict, cfg, every_class: bool = False) -> dict:

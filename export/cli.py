@@ -34,11 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on their own models: global = the steering report's global mask (heads only), units = the "
                         "--units file's global model (heads + MLP units at the routes' mean FLOPs); default auto: "
                         "global with at least 20 routes (docs/cost.md)")
-    p.add_argument("--recover-epochs", type=int, default=0,
+    p.add_argument("--recover-epochs", type=int,
                    help="train each pruned model this many passes over train images of its routes' classes (and as "
-                        "many of other classes) against the full model before export (default 0: off; "
-                        "docs/recovery.md)")
-    p.add_argument("--recover-lr", type=float, default=3e-4, help="recovery's peak learning rate (default 3e-4)")
+                        "many of other classes) against the full model before export (default: as the --units file "
+                        "was chosen, else 0: off; docs/recovery.md)")
+    p.add_argument("--recover-lr", type=float, help="recovery's peak learning rate (default 3e-4; with --recover-epochs)")
     p.set_defaults(func=_export)
 
     b = sub.add_parser("bundle", help="inspect a bundle", description="Bundle tools.")
@@ -76,15 +76,18 @@ def _export(args) -> int:
         raise UserError(f"--wrong-eps must be in [0, 100] accuracy points, got {args.wrong_eps}")
     if args.cost_batch < 0:
         raise UserError(f"--cost-batch must be >= 0, got {args.cost_batch}")
-    recover = None
-    if args.recover_epochs:
+    recover = None  # not given: export_bundle follows the --units file's choice
+    if args.recover_epochs is not None or args.recover_lr is not None:
         from .recover import RecoverConfig
 
-        if args.recover_epochs < 0:
-            raise UserError(f"--recover-epochs must be >= 0, got {args.recover_epochs}")
-        if not 0 < args.recover_lr < 1:
-            raise UserError(f"--recover-lr must be in (0, 1), got {args.recover_lr}")
-        recover = RecoverConfig(epochs=args.recover_epochs, lr=args.recover_lr)
+        if args.recover_epochs is None:
+            raise UserError("--recover-lr needs --recover-epochs")
+        if not 0 <= args.recover_epochs <= 100:
+            raise UserError(f"--recover-epochs must be from 0 to 100, got {args.recover_epochs}")
+        lr = 3e-4 if args.recover_lr is None else args.recover_lr
+        if not 0 < lr < 1:
+            raise UserError(f"--recover-lr must be in (0, 1), got {lr}")
+        recover = RecoverConfig(epochs=args.recover_epochs, lr=lr)
     export_bundle(args.run, args.out, report_path=args.report, masks_path=args.masks, fp16=args.fp16,
                   layout=args.layout, eps=args.eps / 100.0, wrong_eps=args.wrong_eps / 100.0,
                   cost_batch=args.cost_batch or None, units_path=args.units, shared=args.shared, recover=recover)

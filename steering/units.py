@@ -10,7 +10,11 @@ route's. Units ranked on one class's loss can make the model answer that class m
 accuracy on its own images for free but would let wrong hints through; the claim constraint stops that. With
 `select='cost'` the rule is instead the lowest expected cost per right-hint request (FLOPs + fallback rate) under
 the acceptance rule export would choose for each candidate, whose own bounds (right hints within `accept_eps` of
-the full model, wrong hints within `accept_wrong_eps`) take the place of eps and the claim check. The test
+the full model, wrong hints within `accept_wrong_eps`) take the place of eps and the claim check. With
+`recover_epochs`, every candidate (the heads-only route too) is pruned and recovered exactly as `steerprune export
+--recover-epochs` will recover it (export/recover.py: distillation from the full model on train images of the route's
+classes) before it is scored, so that the cut chosen is the one that is cheapest *after* recovery: deeper cuts lose
+accuracy that recovery gives back. The test
 split is only read afterwards, for the record. A single global model (one head mask for all classes, units ranked on train images of
 all classes) is built the same way as the baseline the routes have to beat at matched FLOPs.
 
@@ -37,7 +41,8 @@ import torch.nn.functional as F
 from steerprune.errors import UserError
 
 __all__ = ["IMPORTANCES", "SCHEMES", "REFERENCES", "UnitsConfig", "UnitCandidate", "unit_importance",
-           "candidate_units", "UnitEval", "select_units", "units_run", "read_units", "apply_units"]
+           "candidate_units", "UnitEval", "RecoveredEval", "select_units", "units_run", "read_units", "apply_units",
+           "units_recover_config"]
 
 IMPORTANCES = ("taylor", "activation")
 SCHEMES = ("uniform", "global")
@@ -87,6 +92,12 @@ class UnitsConfig:
     """Also build the single global model (one head mask + one unit set for all classes) as the baseline."""
     batch_size: int = 128
     """Images per forward/backward when measuring importance."""
+    recover_epochs: int = 0
+    """Recover every candidate's pruned model for this many epochs before scoring it, with export/recover.py's
+    defaults otherwise (0: score the plain cut). `steerprune export --units` then recovers with the same settings
+    unless told otherwise."""
+    recover_lr: float = 3e-4
+    """Peak learning rate of that recovery (export's --recover-lr)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -114,7 +125,24 @@ class UnitsConfig:
             raise UserError(f"search must be 'all' or 'cheapest-first', got {self.search!r}")
         if not self.schemes or any(s not in SCHEMES for s in self.schemes):
             raise UserError(f"schemes must be among {', '.join(SCHEMES)}, got {self.schemes}")
+        self.recover_config()  # the recovery's own checks
         self.fractions = sorted({float(f) for f in self.fractions})
+
+    def recover_config(self):
+        """The RecoverConfig every candidate is recovered with (None: no recovery)."""
+        return units_recover_config({"recover_epochs": self.recover_epochs, "recover_lr": self.recover_lr})
+
+
+def units_recover_config(cfg: dict):
+    """The RecoverConfig recorded in a units config dict (a units.json's "config"), or None when it has none."""
+    from steerprune.export.recover import RecoverConfig
+
+    epochs = int(cfg.get("recover_epochs") or 0)
+    if not 0 <= epochs <= 100:
+        raise UserError(f"--recover-epochs must be from 0 to 100, got {epochs}")
+    if not 0 < float(cfg.get("recover_lr", 3e-4)) < 1:
+        raise UserError(f"--recover-lr must be in (0, 1), got {cfg.get('recover_lr')}")
+    return RecoverConfig(epochs=epochs, lr=float(cfg.get("recover_lr", 3e-4))) if epochs else None
 
 
 class UnitCandidate(NamedTuple):
@@ -238,6 +266,53 @@ class UnitEval:
         return float((self.preds(images, head_mask, units) == labels).mean()) if len(labels) else float("nan")
 
 
+class RecoveredEval:
+    """UnitEval's interface over recovered models: each (head mask, units) asked for is pruned (`prune_vit`, units
+    physically removed), recovered on one route's recovery sample exactly as export recovers that route's model
+    (export/recover.py), and kept for the route's later calls. The full model (every head and unit) is never
+    recovered: it is asked of the plain `ev`."""
+
+    def __init__(self, ev: UnitEval, vit: nn.Module, bcfg, train_images: np.ndarray, train_labels: np.ndarray,
+                 classes: list[int], rcfg, hflip: bool = True):
+        from steerprune.export.recover import recovery_sample
+        from steerprune.training.tensors import to_tensor
+
+        self.ev, self.vit, self.bcfg, self.rcfg, self.hflip = ev, vit, bcfg, rcfg, hflip
+        idx, self.own = recovery_sample(train_labels, classes, rcfg)
+        self.x = to_tensor(train_images[idx], bcfg)  # (N, C, S, S), the same draw as export's
+        self.y = torch.from_numpy(np.asarray(train_labels[idx])).long()
+        self.models: dict[str, nn.Module] = {}
+        self.stats: dict[str, dict] = {}
+
+    def model(self, mask, units) -> nn.Module:
+        from steerprune.export.prune import manual_attention, mask_key, prune_vit
+        from steerprune.export.recover import recover_model
+
+        key = mask_key(mask, units)
+        if key not in self.models:
+            m = manual_attention(prune_vit(self.vit, mask, units)).eval()  # the module export recovers and traces
+            self.stats[key] = recover_model(m, self.vit, self.x, self.y, self.rcfg, hflip=self.hflip,
+                                            own=self.own)._asdict()
+            self.models[key] = m
+        return self.models[key]
+
+    def logits(self, images: np.ndarray, head_mask, units: Optional[list[list[int]]]) -> np.ndarray:
+        from steerprune.training.tensors import to_tensor
+
+        if units is None and all(all(int(v) for v in row) for row in head_mask):
+            return self.ev.logits(images, head_mask, None)
+        m = self.model(head_mask, units)
+        with torch.no_grad():
+            out = [m(to_tensor(images[i:i + 512], self.bcfg)) for i in range(0, len(images), 512)]
+        return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, self.vit.num_classes), np.float32)
+
+    def preds(self, images: np.ndarray, head_mask, units: Optional[list[list[int]]]) -> np.ndarray:
+        return self.logits(images, head_mask, units).argmax(-1)
+
+    def acc(self, images: np.ndarray, labels: np.ndarray, head_mask, units) -> float:
+        return float((self.preds(images, head_mask, units) == labels).mean()) if len(labels) else float("nan")
+
+
 def select_units(candidates: list[UnitCandidate], ref_acc: float, eps: float,
                  claim: Optional[Callable[[UnitCandidate], float]] = None, max_claim: float = 1.0) -> UnitCandidate:
     """The rule: among candidates with val accuracy >= ref_acc - eps (and, with `claim`, claim rate <= max_claim),
@@ -336,21 +411,29 @@ def _claim(ev: UnitEval, images: np.ndarray, classes: list[int], mask, units) ->
     return float(np.isin(ev.preds(images, mask, units), classes).mean()) if len(images) else 0.0
 
 
-def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, cfg: UnitsConfig) -> dict:
-    """Importance on train, choice on val, then the test record, for one steering-report route."""
+def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, cfg: UnitsConfig,
+                 hflip: bool = True) -> dict:
+    """Importance on train, choice on val, then the test record, for one steering-report route. With recovery every
+    candidate is scored (and the test record taken) on its recovered model; importance is the plain model's."""
     name, classes, mask = str(r["name"]), list(r["classes"]), r["mask"]
     seed = [cfg.seed, zlib.crc32(name.encode())]
     vi, ti = val.route(classes), train.route(classes)
     if len(vi) == 0 or len(ti) == 0:
         raise UserError(f"route {name!r} has no train or val images")
+    t_route = time.perf_counter()
     ti = _sample(ti, cfg.images, seed)
     imp = unit_importance(vit, train.images[ti], train.labels[ti], bcfg, mask, cfg.importance, cfg.batch_size)
+    rcfg = cfg.recover_config()
+    plain = ev
+    if rcfg is not None:
+        ev = RecoveredEval(plain, vit, bcfg, train.images, train.labels, classes, rcfg, hflip)
     vx, vy = val.images[vi], val.labels[vi]
     off = _sample(np.flatnonzero(~np.isin(val.labels, classes)), cfg.off_images, seed + [1])
     from steerprune.training.model import head_flops
 
     rv = r.get("val", {}).get("acc")  # the steering report's own val figure for this mask, when it has one
-    route_acc = rv if isinstance(rv, float) and r.get("val", {}).get("n") == len(vi) else ev.acc(vx, vy, mask, None)
+    report_ok = rcfg is None and isinstance(rv, float) and r.get("val", {}).get("n") == len(vi)
+    route_acc = rv if report_ok else ev.acc(vx, vy, mask, None)
     ref_acc = {"route": lambda: route_acc, "full": lambda: ev.acc(vx, vy, full_mask, None),
                "unsteered": lambda: ev.acc(vx, vy, r.get("baseline", {}).get("mask", mask), None)}[cfg.reference]()
     claims: dict[tuple, float] = {}
@@ -394,11 +477,12 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
     ti_test = test.route(classes)
     off_t = _sample(np.flatnonzero(~np.isin(test.labels, classes)), cfg.off_images, seed + [2])
     tx, ty = test.images[ti_test], test.labels[ti_test]
-    acc_h = r["acc"] if isinstance(r.get("acc"), float) else ev.acc(tx, ty, mask, None)  # the report's own figure
+    acc_h = (r["acc"] if rcfg is None and isinstance(r.get("acc"), float)  # the report's own figure
+             else ev.acc(tx, ty, mask, None))
     full_acc = r.get("full", {}).get("acc")
     test_rec = {"n": int(len(ty)), "acc_heads_only": acc_h,
                 "acc": ev.acc(tx, ty, mask, c.units) if c.units is not None else acc_h,
-                "full_acc": full_acc if isinstance(full_acc, float) else ev.acc(tx, ty, full_mask, None),
+                "full_acc": full_acc if isinstance(full_acc, float) else plain.acc(tx, ty, full_mask, None),
                 "n_off": int(len(off_t)), "claim_heads_only": _claim(ev, test.images[off_t], classes, mask, None)}
     test_rec["claim"] = (_claim(ev, test.images[off_t], classes, mask, c.units) if c.units is not None
                          else test_rec["claim_heads_only"])
@@ -416,6 +500,10 @@ def _route_units(ev: UnitEval, vit, bcfg, r: dict, train, val, test, full_mask, 
                 "costs": costs, "acceptance": accept,
                 "claims": [[k[0], k[1], round(v, 4)] for k, v in claims.items()]},
         "test": test_rec,  # measured after the choice, for the record
+        # with recovery: the sample and each recovered candidate's training record (mask_key -> RecoverStats)
+        "recovery": None if rcfg is None else {"config": rcfg.to_json(), "images": int(len(ev.y)), "own": int(ev.own),
+                                               "models": ev.stats},
+        "seconds": round(time.perf_counter() - t_route, 1),
     }
 
 
@@ -461,7 +549,7 @@ def units_run(run_dir, cfg: Optional[UnitsConfig] = None, report_path=None, out_
         cfg = UnitsConfig(**{**part_cfgs[0], "global_model": cfg.global_model})
     out_dir.mkdir(parents=True, exist_ok=True)
     for ri, r in enumerate([] if parts is not None else todo):
-        routes_out.append(_route_units(ev, vit, bcfg, r, train, val, test, full_mask, cfg))
+        routes_out.append(_route_units(ev, vit, bcfg, r, train, val, test, full_mask, cfg, data.hflip))
         write_json(out_dir / UNITS_FILE, {"run": str(run.path), "report": str(report_path), "config": asdict(cfg),
                                           "routes": routes_out, "partial": True})  # kept if the stage is cut off
         e = routes_out[-1]
@@ -469,7 +557,8 @@ def units_run(run_dir, cfg: Optional[UnitsConfig] = None, report_path=None, out_
             f"{e['flops_rel']:.3f}, val acc {e['val']['route_acc']:.3f} -> {e['val']['acc']:.3f} (ref "
             f"{e['val']['reference_acc']:.3f}), val claim {e['val']['claim_heads_only']:.3f} -> {e['val']['claim']:.3f}"
             + (f", expected cost {e['val']['acceptance']['cost']:.3f} ({e['val']['acceptance']['kind']})"
-               if e["val"].get("acceptance") else "") + "; "
+               if e["val"].get("acceptance") else "")
+            + (f", {len(e['recovery']['models'])} candidates recovered" if e.get("recovery") else "") + "; "
             f"test {e['test']['acc_heads_only']:.3f} -> {e['test']['acc']:.3f} ({ri + 1}/{len(todo)}, "
             f"{time.perf_counter() - t0:.0f} s)")
 

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-eps", type=float, help="with --select cost: export's --eps as a fraction (default 0.005)")
     p.add_argument("--accept-wrong-eps", type=float,
                    help="with --select cost: export's --wrong-eps as a fraction (default 0.05)")
+    p.add_argument("--recover-epochs", type=int,
+                   help="recover every candidate's pruned model this many epochs before scoring it, as `export "
+                        "--recover-epochs` will (default 0: score the plain cut; docs/recovery.md)")
+    p.add_argument("--recover-lr", type=float, help="that recovery's peak learning rate (default 3e-4)")
     p.add_argument("--no-global", action="store_true", help="skip the single-global-model baseline")
     p.add_argument("--routes", type=lambda v: [x for x in v.split(",") if x],
                    help="only these routes (a part: run parts in parallel with their own --out, then --merge)")
@@ -57,7 +61,7 @@ def _units(args) -> int:
         torch.set_num_threads(args.threads)
     opts = {k: getattr(args, k) for k in ("eps", "reference", "importance", "images", "fractions", "seed", "schemes",
                                           "off_images", "claim_eps", "global_images", "global_val", "batch_size", "search",
-                                          "select", "accept_eps", "accept_wrong_eps")
+                                          "select", "accept_eps", "accept_wrong_eps", "recover_epochs", "recover_lr")
             if getattr(args, k) is not None}
     if args.no_global:
         opts["global_model"] = False

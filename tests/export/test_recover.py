@@ -96,7 +96,11 @@ def test_cli_refuses_bad_recovery_flags(tiny_run, tmp_path, capsys):
     from steerprune.cli import main
 
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--recover-epochs", "-1"]) == 2
-    assert "--recover-epochs must be >= 0" in capsys.readouterr().err
+    assert "--recover-epochs must be from 0 to 100, got -1" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--recover-epochs", "101"]) == 2
+    assert "--recover-epochs must be from 0 to 100, got 101" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--recover-lr", "0.001"]) == 2
+    assert "--recover-lr needs --recover-epochs" in capsys.readouterr().err
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--recover-epochs", "1",
                  "--recover-lr", "2"]) == 2
     assert "--recover-lr must be in (0, 1)" in capsys.readouterr().err

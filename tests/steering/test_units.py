@@ -268,3 +268,73 @@ def test_cost_selection_takes_the_cheapest_candidate_under_the_acceptance_rule(q
         assert a["cost"] == pytest.approx(r["flops_rel"] + a["fallback"])
         assert a["acc"] >= a["full_acc"] - 0.005 - 1e-9
         assert a["wrong_hints"]["acc"] >= a["wrong_hints"]["full_acc"] - 0.05 - 1e-9
+
+
+def test_recovery_config_in_units():
+    assert UnitsConfig().recover_config() is None
+    rc = UnitsConfig(select="cost", recover_epochs=2, recover_lr=1e-3).recover_config()
+    assert (rc.epochs, rc.lr) == (2, 1e-3)
+    for bad, msg in ((dict(recover_epochs=-1), "--recover-epochs must be from 0 to 100"),
+                     (dict(recover_epochs=101), "--recover-epochs must be from 0 to 100"),
+                     (dict(recover_epochs=1, recover_lr=0.0), "--recover-lr must be in")):
+        with pytest.raises(UserError, match=msg):
+            UnitsConfig(**bad)
+
+
+@pytest.mark.slow
+def test_cost_selection_with_recovery_scores_the_model_export_recovers(quick_run, tmp_path):
+    """recover_epochs: every candidate is recovered before it is scored, and export (following the units file)
+    recovers the chosen cut into the very model that was scored."""
+    from steerprune.export.bundle import export_bundle
+    from steerprune.export.manifest import verify_bundle
+    from steerprune.export.prune import mask_key
+    from steerprune.export.manifest import open_session
+    from steerprune.steering.units import units_run
+    from steerprune.training.run import load_run
+    from steerprune.training.tensors import to_tensor
+
+    report = tmp_path / "report.json"
+    routes = [ROUTES[0], ROUTES[3]]
+    report.write_text(json.dumps({"routes": routes, "config": {"tau": 0.5, "aggregate": "vote"}}))
+    cfg = UnitsConfig(select="cost", images=64, fractions=[0.5, 0.9], schemes=["global"], off_images=100,
+                      global_model=False, recover_epochs=1)
+    out = units_run(quick_run, cfg, report_path=report, out_dir=tmp_path / "steering", log=lambda *_: None)
+    plain = units_run(quick_run, UnitsConfig(select="cost", images=64, fractions=[0.5, 0.9], schemes=["global"],
+                                             off_images=100, global_model=False),
+                      report_path=report, out_dir=tmp_path / "plain", log=lambda *_: None)
+    for r, p in zip(out["routes"], plain["routes"]):
+        rec = r["recovery"]
+        assert rec["config"]["epochs"] == 1 and rec["own"] > 0 and rec["images"] == 2 * rec["own"]
+        assert len(rec["models"]) == 3  # the heads-only route and both cuts, each recovered once
+        assert all(s["loss_after"] < s["loss_before"] for s in rec["models"].values())
+        assert p["recovery"] is None
+        # the same candidates, scored differently: the recovered curve is not the plain one
+        assert [c[:3] for c in r["val"]["candidates"]] == [c[:3] for c in p["val"]["candidates"]]
+        assert [c[3] for c in r["val"]["candidates"]] != [c[3] for c in p["val"]["candidates"]]
+        best = min(c[3] for c in r["val"]["costs"])
+        assert r["val"]["acceptance"]["cost"] == pytest.approx(best, abs=1e-4)
+    m = export_bundle(quick_run, tmp_path / "b", report_path=report, units_path=tmp_path / "steering" / "units.json",
+                      cost_batch=None, log=lambda *_: None)
+    assert m["export"]["recover_from"] == "units" and m["export"]["recover"]["epochs"] == 1
+    run = load_run(quick_run, need=("backbone",))
+    val = run.load_data().val
+    for r in out["routes"]:
+        entry = m["models"][m["routes"][r["name"]]["model"]]
+        key = mask_key(r["mask"], r["mlp_units"])
+        assert entry["recovery"]["loss_after"] == pytest.approx(r["recovery"]["models"][key]["loss_after"], abs=1e-4)
+        # the exported model answers the route's val images as the scored candidate did
+        vi = np.flatnonzero(np.isin(val.labels, r["classes"]))
+        x = to_tensor(val.images[vi], run.backbone).numpy()
+        sess = open_session(tmp_path / "b", m["routes"][r["name"]]["model"])
+        got = sess.run(None, {m["input"]["input_name"]: x})[0].argmax(-1)
+        assert float((got == val.labels[vi]).mean()) == pytest.approx(r["val"]["acc"], abs=1.5 / len(vi))
+    verify_bundle(tmp_path / "b")
+    # told otherwise, export follows the flag (and says so)
+    from steerprune.export.recover import RecoverConfig
+
+    said = []
+    m0 = export_bundle(quick_run, tmp_path / "b0", report_path=report, units_path=tmp_path / "steering" / "units.json",
+                       cost_batch=None, log=said.append, recover=RecoverConfig(epochs=0))
+    assert m0["export"]["recover"] is None and m0["export"]["recover_from"] is None
+    assert any("chose its cuts for models recovered 1 epochs" in s for s in said)
+    assert all(e["recovery"] is None for e in m0["models"].values())
