@@ -10,6 +10,12 @@ request count). Reports per phase: offered and achieved send rate, statuses (200
 other), accepted throughput and its share of saturation, accepted p50/p99/max, 503 latency, the server's skip and
 overload counters and /readyz afterwards. With --repeat N, N fresh servers one after another: every run's
 summary, their medians, and the full phases of the median run. JSON to --out, plot beside it (.png).
+
+With --proxy haproxy, every run puts HAProxy (`haproxy` on PATH, deploy/kubernetes/components/haproxy/haproxy.cfg)
+in front of the server and sends everything, saturation included, through it: /classify limited to
+--proxy-maxconn requests in the worker, --proxy-maxqueue waiting in HAProxy, --max-wait-ms in its queue at most.
+With --proxy none,haproxy each repeat runs both, one after the other, and the report holds each under `by_proxy`
+(plots `OUT_none.png`, `OUT_haproxy.png`).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +35,7 @@ import numpy as np
 
 from steerprune.loadtest.client import form_body, get, run_open_loop
 from steerprune.loadtest.plan import encode_png, load_images, parse_mix, plan_requests
-from steerprune.service.cli import free_port, start_server, stop_server
+from steerprune.service.cli import free_port, start_haproxy, start_server, stop_server
 
 
 def counters(base_url: str) -> dict:
@@ -99,12 +107,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="fresh servers, one after another: the report gives every run and their medians, and the "
                          "phases (with samples, plotted) of the run of median accepted share at the highest factor")
+    ap.add_argument("--proxy", default="none",
+                    help="none, haproxy (every request through HAProxy with "
+                         "deploy/kubernetes/components/haproxy/haproxy.cfg), or none,haproxy: both, run after run")
+    ap.add_argument("--proxy-maxconn", type=int, default=32, help="/classify requests HAProxy lets into the worker")
+    ap.add_argument("--proxy-maxqueue", type=int, default=256, help="requests waiting in HAProxy before it refuses")
     ap.add_argument("--out", default="benchmarks/results/overload.json")
     a = ap.parse_args(argv)
     if not 1 <= a.duration <= 120:
         sys.exit("--duration must be in [1, 120]")
     if not 1 <= a.repeat <= 20:
         sys.exit("--repeat must be in [1, 20]")
+    if not a.proxy or not set(a.proxy.split(",")) <= {"none", "haproxy"}:
+        sys.exit(f"--proxy must be none, haproxy or none,haproxy, got {a.proxy!r}")
+    if "haproxy" in a.proxy.split(",") and shutil.which("haproxy") is None:
+        sys.exit("--proxy haproxy needs haproxy on PATH (Debian: apt-get install haproxy)")
     from steerprune.export.manifest import load_manifest
 
     m = load_manifest(a.bundle)
@@ -118,36 +135,51 @@ def main(argv=None) -> int:
 
     bodies = asyncio.run(encode_all())
     load_before = round(os.getloadavg()[0], 2)
-    runs = []
+    settings = a.proxy.split(",")
+    runs = {name: [] for name in settings}
     for i in range(a.repeat):
-        if a.repeat > 1:
-            print(f"run {i + 1}/{a.repeat}", flush=True)
-        runs.append(one_run(a, bodies))
-    key = f"{max(float(x) for x in a.factors.split(',')):g}x"  # the run of median share at the highest factor
-    shares = [r["phases"][key]["accepted_share_of_saturation"] for r in runs]
-    mid = runs[int(np.argsort(shares)[len(shares) // 2])]
-    summaries = [{name: _summary(ph) for name, ph in r["phases"].items()} for r in runs]
-    report = {"bundle": str(a.bundle), "bundle_id": mid["listing"].get("bundle_id"), "images": source,
-              "config": vars(a), "server": {k: mid["listing"].get(k) for k in ("max_queue", "max_wait_ms",
-                                                                               "max_batch_size",
-                                                                               "expected_ms_per_image", "device")},
-              "machine": f"{os.cpu_count()}-core x86 VM, no GPU", "pinned": mid["pinned"],
-              "load_average_before": load_before, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "runs": summaries,
-              "median_of_runs": {name: {k: float(np.median([sm[name][k] for sm in summaries]))
-                                        for k in ("accepted_rps", "accepted_share_of_saturation",
-                                                  "accepted_share_of_best", "accepted_p99_ms")}
-                                 for name in mid["phases"]},
-              "phases": mid["phases"]}  # with samples: the median run, as plotted
+        for name in settings:  # alternated, so both settings see the same machine
+            print(f"run {i + 1}/{a.repeat}, proxy {name}", flush=True)
+            runs[name].append(one_run(a, bodies, name))
+    reports = {name: _report(rs, a) for name, rs in runs.items()}
+    first = reports[settings[0]]
+    report = {"bundle": str(a.bundle), "bundle_id": first["bundle_id"], "images": source, "config": vars(a),
+              "machine": f"{os.cpu_count()}-core x86 VM, no GPU", "load_average_before": load_before,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if len(settings) == 1:
+        report.update(first)
+    else:
+        report["by_proxy"] = reports
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    _plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    for name, rep in reports.items():
+        png = out.with_suffix(".png") if len(settings) == 1 else out.with_name(f"{out.stem}_{name}.png")
+        _plot(rep, png)
+        print(f"wrote {png}")
+    print(f"wrote {out}")
     return 0
 
 
-def one_run(a, bodies) -> dict:
+def _report(runs: list[dict], a) -> dict:
+    """Every run's summary, their medians, and the phases (with samples) of the run of median accepted share at the
+    highest factor."""
+    key = f"{max(float(x) for x in a.factors.split(',')):g}x"
+    shares = [r["phases"][key]["accepted_share_of_saturation"] for r in runs]
+    mid = runs[int(np.argsort(shares)[len(shares) // 2])]
+    summaries = [{name: _summary(ph) for name, ph in r["phases"].items()} for r in runs]
+    return {"bundle_id": mid["listing"].get("bundle_id"),
+            "server": {k: mid["listing"].get(k) for k in ("max_queue", "max_wait_ms", "max_batch_size",
+                                                          "expected_ms_per_image", "device")},
+            "pinned": mid["pinned"], "proxy": mid["proxy"], "runs": summaries,
+            "median_of_runs": {name: {k: float(np.median([sm[name][k] for sm in summaries]))
+                                      for k in ("accepted_rps", "accepted_share_of_saturation",
+                                                "accepted_share_of_best", "accepted_p99_ms")}
+                               for name in mid["phases"]},
+            "phases": mid["phases"]}
+
+
+def one_run(a, bodies, proxy_kind: str = "none") -> dict:
     """A fresh server: saturation with --sat-users closed-loop users, then each factor open-loop."""
     log = Path(tempfile.mkdtemp(prefix="overload-")) / "server.log"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -158,10 +190,17 @@ def one_run(a, bodies) -> dict:
         os.sched_setaffinity(0, {cores[0]})
     proc = start_server(a.bundle, port=free_port(), timeout=300, log_path=log, threads=a.threads,
                         max_queue=a.max_queue, max_wait_ms=a.max_wait_ms)
-    if pin:
-        os.sched_setaffinity(0, {cores[1]})
-    url = proc.url
+    haproxy, proxy, url = None, None, proc.url
     try:
+        if pin:
+            os.sched_setaffinity(0, {cores[1]})
+        if proxy_kind == "haproxy":  # on the generator's core when pinned: as a sidecar, the proxy has its own CPU
+            haproxy = start_haproxy(proc.url, free_port(), maxconn=a.proxy_maxconn, maxqueue=a.proxy_maxqueue,
+                                    queue_ms=a.max_wait_ms)
+            url = haproxy.url
+            version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+            proxy = {"haproxy": version, "config": "deploy/kubernetes/components/haproxy/haproxy.cfg",
+                     **haproxy.settings}
         run_open_loop(url + "/classify", lambda i: _const(bodies[i % len(bodies)]), 10**6, a.sat_users, a.warmup)
         sat = phase(url, bodies, 10**6, a.sat_users, a.duration, 0.0, None)
         sat_rps = sat["accepted_rps"]
@@ -179,6 +218,9 @@ def one_run(a, bodies) -> dict:
         _, raw = get(url, "/routes")
         listing = json.loads(raw)
     finally:
+        if haproxy is not None:
+            haproxy.terminate()
+            haproxy.wait(10)
         stop_server(proc)
         if pin:
             os.sched_setaffinity(0, set(cores))
@@ -186,7 +228,7 @@ def one_run(a, bodies) -> dict:
     for ph in phases.values():  # the saturation phase's closed-loop users retry at once after a 503, so a paced
         ph["accepted_share_of_best"] = round(ph["accepted_rps"] / best, 3) if best else None  # phase can beat it
     phases["saturated"]["accepted_share_of_saturation"] = 1.0
-    return {"phases": phases, "listing": listing,
+    return {"phases": phases, "listing": listing, "proxy": proxy,
             "pinned": {"server": cores[0], "generator": cores[1]} if pin else None}
 
 
@@ -222,7 +264,10 @@ def _plot(report: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.legend(loc="upper left", fontsize=7, markerscale=4)
     np.atleast_1d(axes)[0].set_ylabel("latency (ms)")
-    fig.suptitle(f"overload: max_queue {report['server']['max_queue']}, max_wait_ms {report['server']['max_wait_ms']}")
+    proxy = report.get("proxy")
+    via = f", through HAProxy (maxconn {proxy['STEERPRUNE_PROXY_MAXCONN']})" if proxy else ""
+    fig.suptitle(f"overload: max_queue {report['server']['max_queue']}, max_wait_ms {report['server']['max_wait_ms']}"
+                 f"{via}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

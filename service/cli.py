@@ -21,7 +21,8 @@ from pathlib import Path
 
 from steerprune.errors import UserError
 
-__all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env", "free_port", "SERVICE_REF"]
+__all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env", "free_port", "start_haproxy",
+           "HAPROXY_CONFIG", "SERVICE_REF"]
 
 SERVICE_REF = "steerprune.service.service:SteerPrune"
 _OWN_HOME = "STEERPRUNE_OWN_BENTOML_HOME"  # set when server_env made BENTOML_HOME: stop_server removes it
@@ -101,6 +102,43 @@ def start_server(bundle_dir, host: str = "127.0.0.1", port: int = 3000, timeout:
         time.sleep(0.25)
     stop_server(proc)
     raise UserError(f"the server was not ready after {timeout:.0f} s (killed); last log lines:\n{_tail(log_path)}")
+
+
+# deploy/kubernetes/components/haproxy/haproxy.cfg of a source checkout (the package is installed editable from it)
+HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "components" / "haproxy" / \
+    "haproxy.cfg"
+
+
+def start_haproxy(upstream_url: str, port: int, maxconn: int = 32, maxqueue: int = 256, queue_ms: int = 1000,
+                  config=HAPROXY_CONFIG, timeout: float = 10.0) -> subprocess.Popen:
+    """HAProxy (on PATH) in the foreground in front of a server, with `config` and its STEERPRUNE_PROXY_* settings;
+    returns once it accepts connections on 127.0.0.1:`port`. `proc.url` is its address, `proc.settings` the
+    environment it was given. Stop it with `proc.terminate()`."""
+    exe = shutil.which("haproxy")
+    if exe is None:
+        raise UserError("haproxy is not on PATH (Debian: apt-get install haproxy)")
+    settings = {"STEERPRUNE_PROXY_BIND": f"127.0.0.1:{port}", "STEERPRUNE_UPSTREAM": upstream_url.split("//", 1)[-1],
+                "STEERPRUNE_PROXY_MAXCONN": str(maxconn), "STEERPRUNE_PROXY_MAXQUEUE": str(maxqueue),
+                "STEERPRUNE_PROXY_QUEUE_MS": str(int(queue_ms))}
+    err_log = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while HAProxy runs
+    proc = subprocess.Popen([exe, "-db", "-f", str(config)], env={**os.environ, **settings},
+                            stdout=subprocess.DEVNULL, stderr=err_log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                err_log.seek(0)
+                err = err_log.read().decode(errors="replace").strip().splitlines()
+                raise UserError(f"haproxy exited with {proc.returncode}: {err[-1] if err else 'no output'}") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise UserError(f"haproxy did not listen on 127.0.0.1:{port} within {timeout:g} s") from None
+            time.sleep(0.05)
+    proc.url, proc.settings = f"http://127.0.0.1:{port}", settings
+    return proc
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:

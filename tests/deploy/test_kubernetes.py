@@ -4,6 +4,7 @@ properties that matter for this server asserted on the rendered output."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,38 @@ def test_base_alone_is_variant_neutral_and_overlays_differ_only_where_meant():
     assert "nvidia.com/gpu" not in yaml.safe_dump(base)
     for kind in ("Service", "PodDisruptionBudget"):
         assert cpu[kind]["spec"] == gpu[kind]["spec"] == base[kind]["spec"]
+
+
+def test_haproxy_component_fronts_the_server_with_the_tested_config(tmp_path):
+    """components/haproxy on the CPU overlay: valid objects; the Service reaches the sidecar, which reaches the
+    server over localhost with the same config file tests/deploy/test_haproxy.py runs; probes bypass it."""
+    overlay = tmp_path / "with-haproxy"
+    overlay.mkdir()
+    rel = Path(os.path.relpath(K8S, overlay))  # kustomize refuses absolute paths
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(rel / "overlays" / "cpu")], "components": [str(rel / "components" / "haproxy")]}))
+    objs = {d["kind"]: d for d in render(overlay)}
+    for doc in objs.values():
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            for version in VERSIONS:
+                kv.validate(doc, version, strict=True)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["server", "haproxy"]
+    server, (proxy,) = _server(objs), [c for c in pod["containers"] if c["name"] == "haproxy"]
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    (proxy_port,) = proxy["ports"]
+    assert env["STEERPRUNE_UPSTREAM"] == f"127.0.0.1:{server['ports'][0]['containerPort']}"
+    assert env["STEERPRUNE_PROXY_BIND"].endswith(f":{proxy_port['containerPort']}")
+    (svc_port,) = objs["Service"]["spec"]["ports"]
+    assert svc_port["targetPort"] == proxy_port["name"]
+    assert server["readinessProbe"]["httpGet"]["port"] in ("http", 3000)  # the kubelet asks the server itself
+    # the ConfigMap carries deploy's haproxy.cfg byte for byte, mounted where the sidecar's args read it
+    cm = objs["ConfigMap"]
+    assert cm["data"]["haproxy.cfg"] == (K8S / "components" / "haproxy" / "haproxy.cfg").read_text()
+    (vol,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
+    (mount,) = [m for m in proxy["volumeMounts"] if m["name"] == vol["name"]]
+    assert proxy["args"][-1] == f"{mount['mountPath']}/haproxy.cfg" and mount["readOnly"] is True
+    sc = proxy["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    assert proxy["lifecycle"]["preStop"]["sleep"]["seconds"] >= server["lifecycle"]["preStop"]["sleep"]["seconds"]
