@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--amp", choices=["auto", "none", "bf16"],  # training.device.AMP_MODES (torch-free here)
                    help="bf16 autocast: auto = where the device has native bf16 (default of the cifar presets)")
+    p.add_argument("--warmup-epochs", type=int, help="epochs of linear learning-rate warmup (cifar preset: 2)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the backbone's loss (default 0.1)")
+    p.add_argument("--randaugment", help="timm RandAugment policy for backbone training, e.g. rand-m9-mstd0.5 "
+                                         "(default: off)")
+    p.add_argument("--mixup", type=float, help="Mixup alpha for backbone training (default 0: off)")
+    p.add_argument("--cutmix", type=float, help="CutMix alpha for backbone training (default 0: off)")
     p.add_argument("--policy-epochs", type=int)
     p.add_argument("--target-usage", type=float)
     p.add_argument("--policy-noise-end", type=float,
@@ -57,9 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 _OVERRIDES = ("model_name", "model_kwargs", "img_size", "checkpoint", "seed", "val_fraction", "epochs", "batch_size", "lr",
-              "amp", "policy_epochs", "target_usage", "policy_noise_end", "distill_weight", "layer_targets",
-              "layer_weight", "temperature", "gated_layers", "finetune_backbone", "policy_lr", "finetune_lr",
-              "sae_layers", "sae_k", "sae_expansion", "sae_steps")
+              "warmup_epochs", "label_smoothing", "randaugment", "mixup", "cutmix", "amp", "policy_epochs",
+              "target_usage", "policy_noise_end", "distill_weight", "layer_targets", "layer_weight", "temperature",
+              "gated_layers", "finetune_backbone", "policy_lr", "finetune_lr", "sae_layers", "sae_k", "sae_expansion",
+              "sae_steps")
 
 
 def train_config_from_args(args):

@@ -47,6 +47,13 @@ class TrainConfig:
     """Label smoothing of the backbone's cross-entropy."""
     crop_pad: int = 1
     """Random-crop padding in pixels (training augmentation)."""
+    randaugment: Optional[str] = None
+    """timm RandAugment policy applied to each backbone training image before crop/flip, e.g. 'rand-m9-mstd0.5'
+    (`timm.data.rand_augment_transform`); None: off."""
+    mixup: float = 0.0
+    """Mixup alpha of backbone training (timm `Mixup`, soft targets with `label_smoothing`); 0: off."""
+    cutmix: float = 0.0
+    """CutMix alpha of backbone training (with mixup > 0 too, each batch is one or the other); 0: off."""
     amp: str = "none"
     """'bf16' runs forward passes under CPU/GPU bf16 autocast; 'none' is fp32; 'auto' is bf16 where the device
     computes it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32. The run's record keeps the
@@ -103,9 +110,18 @@ class TrainConfig:
             raise UserError(f"policy_lr must be > 0, got {self.policy_lr}")
         if self.split not in SPLIT_METHODS:
             raise UserError(f"split must be one of {', '.join(SPLIT_METHODS)}, got {self.split!r}")
+        for name in ("mixup", "cutmix", "label_smoothing"):
+            if getattr(self, name) < 0 or (name == "label_smoothing" and self.label_smoothing >= 1):
+                raise UserError(f"{name} must be {'in [0, 1)' if name == 'label_smoothing' else '>= 0'}, "
+                                f"got {getattr(self, name)}")
+        if self.randaugment is not None:
+            from .tensors import rand_augment
+
+            rand_augment(self.randaugment, 32, (0.5, 0.5, 0.5))  # a bad policy string fails here, not mid-run
         if self.distill_weight < 0:
             raise UserError(f"distill_weight must be >= 0, got {self.distill_weight}")
-        for name in ("batch_size", "epochs", "policy_epochs", "sae_steps", "sae_batch_size", "sae_aug_passes"):
+        for name in ("batch_size", "epochs", "warmup_epochs", "policy_epochs", "sae_steps", "sae_batch_size",
+                     "sae_aug_passes"):
             if getattr(self, name) < 0 or (name.endswith("size") and getattr(self, name) == 0):
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -4,10 +4,12 @@ converts each batch on the device when it is used."""
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from .metrics import accuracy
 from .model import BackboneConfig, GatedViT, build_vit, load_checkpoint_into
 from .policy import HeadPolicy, PolicyConfig, usage_loss
 from .sae import SAEConfig, TopKSAE
-from .tensors import augment, image_batches, progress
+from .tensors import augment, image_batches, progress, rand_augment
 
 __all__ = ["cosine_schedule", "init_backbone", "train_backbone", "make_policy", "train_policy",
            "collect_policy_inputs", "train_sae"]
@@ -49,7 +51,8 @@ def init_backbone(bcfg: BackboneConfig, tcfg: TrainConfig, log=print) -> nn.Modu
 
 def train_backbone(run_dir: Path, data: DataBundle, tcfg: TrainConfig, bcfg: BackboneConfig, resume: bool = False,
                    log=print, vit: Optional[nn.Module] = None, device="cpu") -> nn.Module:
-    """Supervised training (AdamW, warmup + cosine, label smoothing, crop/flip); a checkpoint after every epoch in
+    """Supervised training (AdamW, warmup + cosine, label smoothing, crop/flip; optionally RandAugment, Mixup/CutMix);
+    a checkpoint after every epoch in
     RUN/checkpoints (CPU tensors, so a run resumes on any device)."""
     device = resolve_device(device)
     vit = (vit if vit is not None else init_backbone(bcfg, tcfg, log)).to(device)
@@ -69,25 +72,44 @@ def train_backbone(run_dir: Path, data: DataBundle, tcfg: TrainConfig, bcfg: Bac
     steps_per_epoch = math.ceil(len(y_train) / tcfg.batch_size)
     sched = cosine_schedule(opt, tcfg.epochs * steps_per_epoch, tcfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + start_epoch)
+    # on the stored images, before any resize to the model's size
+    ra = rand_augment(tcfg.randaugment, images.shape[1], bcfg.mean) if tcfg.randaugment else None
+    mix = None
+    if tcfg.mixup > 0 or tcfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mix = Mixup(mixup_alpha=tcfg.mixup, cutmix_alpha=tcfg.cutmix, label_smoothing=tcfg.label_smoothing,
+                    num_classes=bcfg.num_classes)
     for epoch in range(start_epoch, tcfg.epochs):
         vit.train()
+        # timm's RandAugment and Mixup draw from Python's and NumPy's global generators: seeded per epoch, so a
+        # resumed run draws what an uninterrupted one would
+        random.seed(tcfg.seed * 1000 + epoch)
+        np.random.seed(tcfg.seed * 1000 + epoch)
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = progress(image_batches(images, bcfg, tcfg.batch_size, gen, device), f"backbone {epoch + 1}/{tcfg.epochs}",
-                       steps_per_epoch)
+        bar = progress(image_batches(images, bcfg, tcfg.batch_size, gen, device, transform=ra),
+                       f"backbone {epoch + 1}/{tcfg.epochs}", steps_per_epoch)
         for j, (idx, x) in enumerate(bar):
             sched.step_update(epoch * steps_per_epoch + j)
             yb = y_train[idx].to(device)
             xb = augment(x, tcfg.crop_pad, data.hflip, gen)
+            if mix is not None and len(yb) >= 2:
+                n = len(yb) - len(yb) % 2  # timm's Mixup pairs images: an odd last one is left out
+                xb, target = mix(xb[:n], yb[:n])
+                yb = yb[:n]
             with autocast(tcfg.amp, device):
                 logits = vit(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=tcfg.label_smoothing)
+            if mix is not None and len(yb) >= 2:
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=tcfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
             opt.step()
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(-1) == yb).sum())
+            seen += len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(-1) == yb).sum())  # against the unmixed labels
         val_acc = evaluate_backbone(vit, data.val, bcfg, tcfg.amp)
         log(f"backbone epoch {epoch + 1}/{tcfg.epochs}: loss {loss_sum / seen:.3f} train acc {correct / seen:.3f} "
             f"val acc {val_acc:.3f} ({time.time() - t0:.0f} s)")

@@ -2,7 +2,7 @@
 index batches every loop streams over (a split is converted one batch at a time, never whole)."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .device import to_device
 from .model import BackboneConfig
 
-__all__ = ["to_tensor", "ImageTensors", "augment", "index_batches", "image_batches", "progress"]
+__all__ = ["to_tensor", "ImageTensors", "augment", "rand_augment", "apply_to_images", "index_batches", "image_batches",
+           "progress"]
 
 
 def to_tensor(images: np.ndarray, cfg: BackboneConfig, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -74,6 +75,32 @@ def augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> tor
     return x
 
 
+def rand_augment(policy: str, img_size: int, mean) -> Callable:
+    """timm's RandAugment for `policy` (e.g. 'rand-m9-mstd0.5') on PIL images of about `img_size` pixels, filling
+    with the data's mean colour. It draws from Python's `random` and NumPy's global generator, which the caller
+    seeds."""
+    from steerprune.errors import UserError
+    from timm.data import rand_augment_transform
+
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(int(round(255 * m)) for m in mean))
+    try:
+        return rand_augment_transform(policy, hparams)
+    except Exception as e:  # noqa: BLE001  (timm raises assertions and KeyErrors on a bad string)
+        why = f" ({e})" if str(e) else ""
+        raise UserError(f"randaugment {policy!r} is not a timm RandAugment policy such as 'rand-m9-mstd0.5'{why}") \
+            from None
+
+
+def apply_to_images(images: np.ndarray, transform: Callable) -> np.ndarray:
+    """A PIL-image transform applied to each uint8 image of (N, H, W, C), C = 1 or 3; same shape out."""
+    from PIL import Image
+
+    gray = images.shape[-1] == 1
+    out = [np.asarray(transform(Image.fromarray(im[..., 0] if gray else im))) for im in images]
+    out = np.stack(out)
+    return out[..., None] if gray else out
+
+
 def index_batches(n: int, batch_size: int, gen: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Index batches over range(n): shuffled by `gen`, in order without it."""
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
@@ -82,10 +109,15 @@ def index_batches(n: int, batch_size: int, gen: Optional[torch.Generator] = None
 
 
 def image_batches(images: np.ndarray, cfg: BackboneConfig, batch_size: int, gen: Optional[torch.Generator] = None,
-                  device: Optional[torch.device] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(indices, float batch (B, C, S, S)) over uint8 images, each batch converted when it is used."""
+                  device: Optional[torch.device] = None,
+                  transform: Optional[Callable] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, float batch (B, C, S, S)) over uint8 images, each batch converted when it is used; `transform`
+    (a PIL-image transform) is applied to each uint8 image first."""
     for idx in index_batches(len(images), batch_size, gen):
-        yield idx, to_tensor(images[idx.numpy()], cfg, device)
+        batch = images[idx.numpy()]
+        if transform is not None:
+            batch = apply_to_images(batch, transform)
+        yield idx, to_tensor(batch, cfg, device)
 
 
 def progress(iterable, desc: str, total: Optional[int] = None):
