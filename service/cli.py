@@ -21,8 +21,8 @@ from pathlib import Path
 
 from steerprune.errors import UserError
 
-__all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env", "free_port", "start_haproxy",
-           "HAPROXY_CONFIG", "SERVICE_REF"]
+__all__ = ["register", "acceptance_from_flags", "start_server", "stop_server", "curl_example", "server_env",
+           "free_port", "start_haproxy", "HAPROXY_CONFIG", "SERVICE_REF"]
 
 SERVICE_REF = "steerprune.service.service:SteerPrune"
 _OWN_HOME = "STEERPRUNE_OWN_BENTOML_HOME"  # set when server_env made BENTOML_HOME: stop_server removes it

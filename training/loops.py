@@ -52,8 +52,7 @@ def init_backbone(bcfg: BackboneConfig, tcfg: TrainConfig, log=print) -> nn.Modu
 def train_backbone(run_dir: Path, data: DataBundle, tcfg: TrainConfig, bcfg: BackboneConfig, resume: bool = False,
                    log=print, vit: Optional[nn.Module] = None, device="cpu") -> nn.Module:
     """Supervised training (AdamW, warmup + cosine, label smoothing, crop/flip; optionally RandAugment, Mixup/CutMix);
-    a checkpoint after every epoch in
-    RUN/checkpoints (CPU tensors, so a run resumes on any device)."""
+    a checkpoint after every epoch in RUN/checkpoints (CPU tensors, so a run resumes on any device)."""
     device = resolve_device(device)
     vit = (vit if vit is not None else init_backbone(bcfg, tcfg, log)).to(device)
     ckpt = run_dir / "checkpoints" / "backbone_last.pt"
@@ -77,7 +76,9 @@ def train_backbone(run_dir: Path, data: DataBundle, tcfg: TrainConfig, bcfg: Bac
     mix = None
     if tcfg.mixup > 0 or tcfg.cutmix > 0:
         from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
 
+        soft_ce = SoftTargetCrossEntropy()
         mix = Mixup(mixup_alpha=tcfg.mixup, cutmix_alpha=tcfg.cutmix, label_smoothing=tcfg.label_smoothing,
                     num_classes=bcfg.num_classes)
     for epoch in range(start_epoch, tcfg.epochs):
@@ -93,14 +94,15 @@ def train_backbone(run_dir: Path, data: DataBundle, tcfg: TrainConfig, bcfg: Bac
             sched.step_update(epoch * steps_per_epoch + j)
             yb = y_train[idx].to(device)
             xb = augment(x, tcfg.crop_pad, data.hflip, gen)
-            if mix is not None and len(yb) >= 2:
+            mixed = mix is not None and len(yb) >= 2
+            if mixed:
                 n = len(yb) - len(yb) % 2  # timm's Mixup pairs images: an odd last one is left out
                 xb, target = mix(xb[:n], yb[:n])
                 yb = yb[:n]
             with autocast(tcfg.amp, device):
                 logits = vit(xb)
-            if mix is not None and len(yb) >= 2:
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            if mixed:
+                loss = soft_ce(logits.float(), target)
             else:
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=tcfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
