@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what eps is measured from (default route: the heads-only route)")
     p.add_argument("--importance", choices=["taylor", "activation"], help="unit importance (default taylor)")
     p.add_argument("--images", type=int, help="train images per route for the importance (default 512)")
-    p.add_argument("--fractions", type=_floats, help="cut fractions to try (default 0.1,...,0.9)")
+    p.add_argument("--fractions", type=_floats, help="cut fractions to try (default 0.2,0.35,0.5,0.6,0.7,0.8,0.9)")
     p.add_argument("--schemes", type=lambda v: [x for x in v.split(",") if x], help="uniform,global (default both)")
     p.add_argument("--off-images", type=int, help="other classes' val images per route for the claim rate (default 500)")
     p.add_argument("--claim-eps", type=float, help="allowed claim-rate increase over the heads-only route (default 0.01)")
