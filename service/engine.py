@@ -345,8 +345,9 @@ class Engine:
         Records each model's ms per run at each of those sizes (median of the rounds after the first) in `run_ms`,
         which `expected_ms` reads. Scope (cfg.warmup, 'auto' = 'all' on CUDA, 'light' on the CPU): 'all' runs every
         session at every size; 'light' runs the full model at every size and every other model at batch 1 only, and
-        fills in a route model's larger sizes as the full model's time x the model's FLOPs relative to full (listed in
-        `run_ms_estimated`). On the CPU a session's first run at a new batch size is no slower than its next ones,
+        fills in a route model's larger sizes as its own batch-1 time plus the full model's time per extra row x the
+        model's FLOPs relative to full (listed in `run_ms_estimated`): what a run costs beyond its rows (launch, and
+        weights fetched from memory) is paid once per run, not scaled by FLOPs. On the CPU a session's first run at a new batch size is no slower than its next ones,
         while warming 100 route models at 7 sizes took minutes. With several models, the batch-1 time recorded is
         that of runs made in turn, each model after all the others: in a batch of mixed hints each route model runs
         once, with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run);
@@ -367,6 +368,7 @@ class Engine:
                     times.append((time.perf_counter() - t) * 1000.0)
                 if times:
                     self.run_ms.setdefault(model, {})[b] = round(float(np.median(times[1:] or times)), 4)
+        hot_full = dict(self.run_ms.get(self.full_model, {}))  # run after run, before batch 1 is retimed cold
         if len(self.sessions) > 1 and rounds:
             x = np.zeros((1, c, s, s), np.float32)
             cold: dict[str, list[float]] = {m: [] for m in self.sessions}
@@ -377,13 +379,14 @@ class Engine:
                     cold[model].append((time.perf_counter() - t) * 1000.0)
             for model, times in cold.items():
                 self.run_ms[model][1] = round(float(np.median(times)), 4)
-        full = self.run_ms.get(self.full_model, {})
-        if light and full:
+        if light and 1 in hot_full:
             for model in self.sessions:
                 rel = float(self.manifest["models"][model]["flops_rel"])
-                missing = [b for b in sizes if b not in self.run_ms.get(model, {}) and b in full]
-                for b in missing:
-                    self.run_ms.setdefault(model, {})[b] = round(full[b] * rel, 4)
+                own = self.run_ms.get(model, {})
+                missing = [b for b in sizes if b not in own and b in hot_full]
+                for b in missing:  # its own batch-1 run, plus the full model's time per extra row x its FLOPs
+                    self.run_ms.setdefault(model, {})[b] = round(own.get(1, hot_full[1] * rel)
+                                                                 + (hot_full[b] - hot_full[1]) * rel, 4)
                 if missing:
                     self.run_ms_estimated[model] = missing
         for model, points in self.run_ms.items():
