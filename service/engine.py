@@ -342,16 +342,17 @@ class Engine:
     def warm_up(self, max_batch_size: int, rounds: int) -> float:
         """Run the sessions `rounds` times per batch size (powers of two up to max_batch_size); returns seconds taken.
 
-        Records each model's ms per run at each of those sizes (median of the rounds after the first) in `run_ms`,
-        which `expected_ms` reads. Scope (cfg.warmup, 'auto' = 'all' on CUDA, 'light' on the CPU): 'all' runs every
-        session at every size; 'light' runs the full model at every size and every other model at batch 1 only, and
-        fills in a route model's larger sizes as its own batch-1 time plus the full model's time per extra row x the
-        model's FLOPs relative to full (listed in `run_ms_estimated`): what a run costs beyond its rows (launch, and
-        weights fetched from memory) is paid once per run, not scaled by FLOPs. On the CPU a session's first run at a new batch size is no slower than its next ones,
-        while warming 100 route models at 7 sizes took minutes. With several models, the batch-1 time recorded is
-        that of runs made in turn, each model after all the others: in a batch of mixed hints each route model runs
-        once, with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run);
-        those are the median of at least `COLD_ROUNDS` turns.
+        Records each model's ms per run at each of those sizes (median of the rounds after the first) in
+        `run_ms`, which `expected_ms` reads. Scope (cfg.warmup, 'auto' = 'all' on CUDA, 'light' on the CPU):
+        'all' runs every session at every size; 'light' runs the full model at every size and every other model
+        at batch 1 only, and fills in a route model's larger sizes as its own batch-1 time plus the full model's
+        time per extra row x the model's FLOPs relative to full (listed in `run_ms_estimated`): what a run costs
+        beyond its rows (launch, and weights fetched from memory) is paid once per run, not scaled by FLOPs. On
+        the CPU a session's first run at a new batch size is no slower than its next ones, while warming 100
+        route models at 7 sizes took minutes. With several models, the batch-1 time recorded is that of runs
+        made in turn, each model after all the others: in a batch of mixed hints each route model runs once,
+        with its weights out of the CPU's caches (CIFAR-100 bundle: 2.0 ms against 1.46 ms run after run); those
+        are the median of at least `COLD_ROUNDS` turns.
         """
         t0 = time.perf_counter()
         s = self.spec.img_size
@@ -386,7 +387,7 @@ class Engine:
                 missing = [b for b in sizes if b not in own and b in hot_full]
                 for b in missing:  # its own batch-1 run, plus the full model's time per extra row x its FLOPs
                     self.run_ms.setdefault(model, {})[b] = round(own.get(1, hot_full[1] * rel)
-                                                                 + (hot_full[b] - hot_full[1]) * rel, 4)
+                                                                 + max(hot_full[b] - hot_full[1], 0.0) * rel, 4)
                 if missing:
                     self.run_ms_estimated[model] = missing
         for model, points in self.run_ms.items():
