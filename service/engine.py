@@ -383,11 +383,10 @@ class Engine:
         if light and 1 in hot_full:
             for model in self.sessions:
                 rel = float(self.manifest["models"][model]["flops_rel"])
-                own = self.run_ms.get(model, {})
+                own = self.run_ms[model]  # light warm-up timed every model at batch 1
                 missing = [b for b in sizes if b not in own and b in hot_full]
                 for b in missing:  # its own batch-1 run, plus the full model's time per extra row x its FLOPs
-                    self.run_ms.setdefault(model, {})[b] = round(own.get(1, hot_full[1] * rel)
-                                                                 + max(hot_full[b] - hot_full[1], 0.0) * rel, 4)
+                    own[b] = round(own[1] + max(hot_full[b] - hot_full[1], 0.0) * rel, 4)
                 if missing:
                     self.run_ms_estimated[model] = missing
         for model, points in self.run_ms.items():
